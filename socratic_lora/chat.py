@@ -1,0 +1,82 @@
+"""The Gemma turn format, and tokenisation that trains only on the tutor's words.
+
+    from socratic_lora import render_chat, tokenize_dialogue
+    text = render_chat(messages, add_generation_prompt=True)   # lesson 05 (data and labels)
+    ex = tokenize_dialogue(tokenizer, messages)                 # input_ids, labels (-100 = ignored)
+
+`render_chat` produces the same string as gemma-2-2b-jpn-it's own chat template
+(data/gemma_chat_template.jinja), except that a system message, which that template refuses,
+is folded into the first user turn.
+"""
+from __future__ import annotations
+
+from importlib.resources import files
+
+IGNORE = -100  # label value the loss skips
+BOS, START, END = "<bos>", "<start_of_turn>", "<end_of_turn>"
+
+
+def chat_template() -> str:
+    """gemma-2-2b-jpn-it's chat template, byte for byte (attached to the offline default model)."""
+    return files("socratic_lora").joinpath("data/gemma_chat_template.jinja").read_text("utf-8")
+
+
+class DialogueError(ValueError):
+    """A dialogue that cannot be rendered or trained on; the message names the dialogue."""
+
+
+def fold_system(messages: list[dict], where: str = "dialogue") -> list[dict]:
+    """Fold a leading system message into the first user turn; check roles alternate."""
+    msgs = [dict(m) for m in messages]
+    if msgs and msgs[0].get("role") == "system":
+        system = msgs.pop(0)["content"].strip()
+        if not msgs or msgs[0].get("role") != "user":
+            raise DialogueError(f"{where}: a system message must be followed by a user message")
+        msgs[0]["content"] = f"{system}\n\n{msgs[0]['content'].strip()}"
+    for i, m in enumerate(msgs):
+        want = "user" if i % 2 == 0 else "assistant"
+        if m.get("role") != want:
+            raise DialogueError(f"{where}: message {i} has role {m.get('role')!r}, expected "
+                                f"{want!r} (user and assistant must alternate, user first)")
+    return msgs
+
+
+def segments(messages: list[dict], add_generation_prompt: bool = False, where: str = "dialogue"):
+    """The rendered text as (piece, trainable) pairs: the tutor's words and its <end_of_turn>
+    are trainable; <bos>, the turn headers, the learner's words and newlines are not."""
+    out = [(BOS, False)]
+    for m in fold_system(messages, where):
+        role = "model" if m["role"] == "assistant" else m["role"]
+        out.append((f"{START}{role}\n", False))
+        # Jinja's `trim` strips the same characters as Python's str.strip().
+        out.append((m["content"].strip() + END, m["role"] == "assistant"))
+        out.append(("\n", False))
+    if add_generation_prompt:
+        out.append((f"{START}model\n", False))
+    return out
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The dialogue as the model sees it (Gemma turn format)."""
+    return "".join(p for p, _ in segments(messages, add_generation_prompt))
+
+
+def tokenize_dialogue(tokenizer, messages: list[dict], max_length: int | None = None,
+                      where: str = "dialogue") -> dict:
+    """Token ids and labels: labels copy the ids on the tutor's turns, -100 elsewhere.
+
+    Each piece is tokenised on its own and the pieces are joined, so a label boundary never
+    falls inside a token (turn markers are single special tokens, so the ids equal those of
+    tokenising the whole string; the tests check this). Truncation, if any, happens at turn
+    boundaries in the training pipeline; here `max_length` is only checked.
+    """
+    ids, labels = [], []
+    for piece, trainable in segments(messages, where=where):
+        piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        ids += piece_ids
+        labels += piece_ids if trainable else [IGNORE] * len(piece_ids)
+    if all(x == IGNORE for x in labels):
+        raise DialogueError(f"{where}: no tutor (assistant) turn, so no token to train on")
+    if max_length is not None and len(ids) > max_length:
+        raise DialogueError(f"{where}: {len(ids)} tokens, more than max_length={max_length}")
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}

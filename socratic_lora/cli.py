@@ -1,0 +1,103 @@
+"""Command line: `socratic-lora plan` and `socratic-lora demo` (`--help` on each).
+
+    socratic-lora plan --model google/gemma-2-2b-jpn-it --mode balanced --gpu 4GiB --gpu 4GiB
+    socratic-lora demo          # the package on the offline default model, on the CPU
+
+Errors print one line with what to do and exit with status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _plan(args) -> None:
+    from .placement import plan_placement
+
+    budgets = dict(enumerate(args.gpu)) if args.gpu else None
+    plan = plan_placement(args.model, args.mode, budgets, args.cpu, bits=args.bits,
+                          allow_offload=args.allow_offload)
+    print(plan.table())
+
+
+def _demo(args) -> None:
+    import torch
+
+    from .chat import IGNORE, render_chat, tokenize_dialogue
+    from .data import load_split
+    from .lora import LoraSettings, apply_lora, format_report, trainable_report
+    from .models import load_default_model
+
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    model, tok = load_default_model()
+    print(f"loaded the offline default (Gemma 3 270M base) in {time.perf_counter() - t:.1f} s")
+    print(model.placement_plan.table(), "\n")
+    train = load_split("train")
+    dialogue = train[0]["messages"]
+    print("one training dialogue in the Gemma turn format:\n" + render_chat(dialogue))
+    ex = tokenize_dialogue(tok, dialogue)
+    learned = sum(label != IGNORE for label in ex["labels"])
+    print(f"{len(ex['input_ids'])} tokens, {learned} of them the tutor's (trained), "
+          f"{len(ex['input_ids']) - learned} masked with -100\n")
+    question = [{"role": "user", "content": "宿題の答えを教えて。なぜ夜空は暗いの？"}]
+
+    def reply():
+        model.config.use_cache = True
+        model.eval()
+        ids = tok(render_chat(question, add_generation_prompt=True), add_special_tokens=False,
+                  return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=40, do_sample=False,
+                                 repetition_penalty=1.1)
+        model.config.use_cache = False
+        return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    print("before LoRA:", reply())
+    model = apply_lora(model, LoraSettings(r=16, alpha=32, dropout=0.0, targets="attention",
+                                           gradient_checkpointing=False))
+    print(format_report(trainable_report(model)))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    model.train()
+    examples = [tokenize_dialogue(tok, d["messages"], where=d["id"]) for d in train[:args.steps]]
+    t = time.perf_counter()
+    for step, ex in enumerate(examples, 1):
+        batch = {k: torch.tensor([v]) for k, v in ex.items()}
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 1 or step % 10 == 0 or step == len(examples):
+            print(f"step {step:3d}  loss {loss.item():.3f}")
+    print(f"{len(examples)} steps in {time.perf_counter() - t:.0f} s (one dialogue per step)")
+    print("after LoRA: ", reply())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="socratic-lora", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="print where each layer would go, without loading weights")
+    p.add_argument("--model", required=True, help="hub id or local folder with config.json")
+    p.add_argument("--mode", default="balanced", choices=["balanced", "single", "data_parallel", "cpu"])
+    p.add_argument("--gpu", action="append", metavar="SIZE",
+                   help="budget of the next GPU, e.g. 4GiB (repeat per GPU; default: free memory)")
+    p.add_argument("--cpu", default="24GiB", help="CPU budget (used with --allow-offload)")
+    p.add_argument("--bits", type=int, default=4, choices=[4, 8, 16, 32])
+    p.add_argument("--allow-offload", action="store_true", help="let layers that do not fit go to the CPU")
+    p.set_defaults(func=_plan)
+    d = sub.add_parser("demo", help="a short tour of the package on the offline default model")
+    d.add_argument("--steps", type=int, default=40, help="training steps, one dialogue each")
+    d.add_argument("--lr", type=float, default=2e-4)
+    d.set_defaults(func=_demo)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, ImportError, OSError) as e:   # our errors say what to do: one line
+        print(f"socratic-lora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Load and validate dialogue files (JSON Lines), including the shipped Socratic set.
+
+    from socratic_lora import load_dialogues, load_split
+    train = load_split("train")             # the shipped set; see data/DATASHEET.md (lesson 05)
+    mine = load_dialogues("my_dialogues.jsonl")
+
+One dialogue per line: {"id", "topic", "subject", "messages": [{"role", "content"}, ...]}; an
+optional system message first, then user and assistant alternate, and the tutor (assistant)
+speaks last. The adversarial split adds "answer" (what must not be revealed) and
+"answer_aliases". The loader stops at the first problem and names file, line and field.
+"""
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+from pathlib import Path
+
+SPLITS = ("train", "eval", "adversarial")
+ROLES = ("system", "user", "assistant")
+MAX_LINE_BYTES = 1_000_000   # a longer line is almost surely not one dialogue
+
+
+class DataError(ValueError):
+    """A dialogue file that breaks the format; the message says where and what to fix."""
+
+
+def split_path(split: str) -> Path:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: use one of {', '.join(SPLITS)}")
+    return Path(str(files("socratic_lora").joinpath(f"data/dialogues/{split}.jsonl")))
+
+
+def load_split(split: str) -> list[dict]:
+    """The shipped train, eval or adversarial split, validated."""
+    return load_dialogues(split_path(split), adversarial=split == "adversarial")
+
+
+def check_dialogue(d, where: str, adversarial: bool = False) -> None:
+    """Raise DataError naming `where` and the field if `d` breaks a rule."""
+    def fail(field, problem, fix):
+        raise DataError(f"{where}: field '{field}': {problem}; {fix}")
+
+    if not isinstance(d, dict):
+        fail("(line)", f"expected a JSON object, got {type(d).__name__}",
+             "write one dialogue object per line (JSON Lines), not an array")
+    for key in ("id", "topic", "subject"):
+        if not isinstance(d.get(key), str) or not d[key].strip():
+            fail(key, "missing or empty", f'add "{key}": "..." (a non-empty string)')
+    msgs = d.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        fail("messages", "missing or empty", 'add "messages": [{"role": "user", ...}, ...]')
+    for i, m in enumerate(msgs):
+        f = f"messages[{i}]"
+        if not isinstance(m, dict):
+            fail(f, "not an object", 'write {"role": ..., "content": ...}')
+        if m.get("role") not in ROLES:
+            fail(f"{f}.role", f"{m.get('role')!r} is not a role", "use system, user or assistant")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            fail(f"{f}.content", "missing, empty or only whitespace", "write the message text")
+        if m["role"] == "system" and i != 0:
+            fail(f"{f}.role", "a system message can only come first", "move it to the start")
+    start = 1 if msgs[0]["role"] == "system" else 0
+    for i in range(start, len(msgs)):
+        want = "user" if (i - start) % 2 == 0 else "assistant"
+        if msgs[i]["role"] != want:
+            fail(f"messages[{i}].role", f"{msgs[i]['role']!r} where {want!r} was expected",
+                 "user and assistant must alternate, starting with user")
+    if msgs[-1]["role"] != "assistant":
+        fail(f"messages[{len(msgs) - 1}].role", "the dialogue does not end with the tutor",
+             "end with an assistant message (the turn the model learns)")
+    if adversarial:
+        if not isinstance(d.get("answer"), str) or not d["answer"].strip():
+            fail("answer", "missing or empty", "record the answer that must not be revealed")
+        aliases = d.get("answer_aliases", [])
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            fail("answer_aliases", "must be a list of strings", 'write e.g. ["十二", "12個"]')
+
+
+def load_dialogues(path, adversarial: bool = False) -> list[dict]:
+    """Read and validate a JSON Lines dialogue file; stop at the first bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; check the path")
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise DataError(f"{path}:1: the file starts with a byte order mark (BOM); save it as "
+                        "UTF-8 without BOM")
+    dialogues, seen = [], {}
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()   # the newline that ends the last line
+    for n, line in enumerate(lines, 1):
+        where = f"{path}:{n}"
+        if len(line) > MAX_LINE_BYTES:
+            raise DataError(f"{where}: line of {len(line):,} bytes (limit {MAX_LINE_BYTES:,}); "
+                            "one dialogue per line, is a newline missing?")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not UTF-8 (byte {e.start}); save the file as UTF-8") from None
+        if not text.strip():
+            raise DataError(f"{where}: empty line; remove it")
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON at column {e.colno}: {e.msg}; one JSON "
+                            "object per line") from None
+        if isinstance(d, list):
+            raise DataError(f"{where}: a JSON array, not a dialogue object; write JSON Lines "
+                            "(one object per line)")
+        check_dialogue(d, where, adversarial)
+        if d["id"] in seen:
+            raise DataError(f"{where}: field 'id': {d['id']!r} already used on line "
+                            f"{seen[d['id']]}; ids must be unique")
+        seen[d["id"]] = n
+        dialogues.append(d)
+    if not dialogues:
+        raise DataError(f"{path}: no dialogues in the file")
+    return dialogues

