@@ -117,3 +117,30 @@ def load_dialogues(path, adversarial: bool = False) -> list[dict]:
     if not dialogues:
         raise DataError(f"{path}: no dialogues in the file")
     return dialogues
+
+
+def statistics(dialogues: list[dict], tokenizer=None) -> dict:
+    """Counts and lengths for a datasheet or a histogram: dialogues, tutor turns, subjects,
+    characters per tutor turn and (with a tokenizer) Gemma tokens per rendered dialogue."""
+    from collections import Counter
+
+    from .chat import render_chat
+
+    tutor = [m["content"] for d in dialogues for m in d["messages"] if m["role"] == "assistant"]
+    chars = sorted(len(t) for t in tutor)
+    out = {
+        "dialogues": len(dialogues),
+        "tutor_turns": len(tutor),
+        "subjects": dict(sorted(Counter(d["subject"] for d in dialogues).items())),
+        "system_prompts": sum(d["messages"][0]["role"] == "system" for d in dialogues),
+        "tutor_chars_mean": sum(chars) / len(chars),
+        "tutor_chars_median": chars[len(chars) // 2],
+        "tutor_chars_max": chars[-1],
+        "ends_with_question": sum(t.rstrip().endswith(("？", "?")) for t in tutor) / len(tutor),
+    }
+    if tokenizer is not None:
+        toks = sorted(len(tokenizer(render_chat(d["messages"]), add_special_tokens=False)["input_ids"])
+                      for d in dialogues)
+        out.update(tokens_mean=sum(toks) / len(toks), tokens_median=toks[len(toks) // 2],
+                   tokens_max=toks[-1], tokens_total=sum(toks))
+    return out

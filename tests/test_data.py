@@ -139,3 +139,12 @@ def test_adversarial_needs_the_answer(tmp_path):
         load_dialogues(write(tmp_path, GOOD), adversarial=True)
     assert load_dialogues(write(tmp_path, {**GOOD, "answer": "12", "answer_aliases": ["十二"]}),
                           adversarial=True)[0]["answer"] == "12"
+
+
+def test_datasheet_counts_match_the_files(splits):
+    from pathlib import Path
+    import socratic_lora
+    sheet = (Path(socratic_lora.__file__).parent / "data" / "DATASHEET.md").read_text("utf-8")
+    for name, dialogues in splits.items():
+        turns = len(tutor_turns(dialogues))
+        assert f"| {name} | {len(dialogues)} | {turns:,} |" in sheet, name

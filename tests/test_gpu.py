@@ -41,3 +41,29 @@ def test_balanced_load_over_two_gpus(gemma2_4layers):
     assert {p.device.type for p in model.parameters()} == {"cuda"}
     x = torch.randint(0, VOCAB, (2, SEQ_LEN), device="cuda:0")
     assert torch.isfinite(model(input_ids=x, labels=x).loss)
+
+
+@pytest.mark.multi_gpu
+def test_gemma2_2b_architecture_balanced_4bit_matches_the_plan(tmp_path_factory):
+    """The real gemma-2-2b-jpn-it shapes (random weights), the source notebook's 4 GiB budgets."""
+    from transformers import Gemma2ForCausalLM
+    from conftest import reference_config
+    path = tmp_path_factory.mktemp("gemma2_2b")
+    torch.manual_seed(0)
+    with torch.device("cuda:0"):
+        Gemma2ForCausalLM(reference_config()).to(torch.bfloat16).save_pretrained(path)
+    torch.cuda.empty_cache()
+    before = [torch.cuda.memory_allocated(i) for i in range(2)]
+    model, _ = load_model(str(path), quant=QuantSettings(bits=4), mode="balanced",
+                          gpu_budgets={0: "4GiB", 1: "4GiB"})
+    plan = model.placement_plan
+    print(plan.table())
+    assert set(model.hf_device_map.values()) == {0, 1}
+    assert {p.device.type for p in model.parameters()} == {"cuda"}   # no layer on the CPU
+    used = plan.bytes_per_device()
+    for i in range(2):
+        real = torch.cuda.memory_allocated(i) - before[i]
+        print(f"GPU {i}: planned {used[i] / 2**30:.3f} GiB, allocated {real / 2**30:.3f} GiB")
+        assert real == pytest.approx(used[i], rel=0.05)
+    x = torch.randint(0, 256000, (1, 64), device="cuda:0")
+    assert torch.isfinite(model(input_ids=x, labels=x).loss)
