@@ -56,13 +56,39 @@ def segments(messages: list[dict], add_generation_prompt: bool = False, where: s
     return out
 
 
+def instruction_segments(messages: list[dict], eos: str, add_generation_prompt: bool = False,
+                         where: str = "dialogue"):
+    """The source training report's prompt format (### 指示: / ### 応答:), for models without
+    Gemma's turn tokens (rinna/japanese-gpt-neox-3.6b); the response and <eos> are trainable."""
+    out = []
+    for i, m in enumerate(fold_system(messages, where)):
+        if m["role"] == "user":
+            sep = "\n\n" if i else ""
+            out.append((f"{sep}### 指示:\n{m['content'].strip()}\n\n### 応答:\n", False))
+        else:
+            out.append((m["content"].strip() + eos, True))
+    if not add_generation_prompt and out and not out[-1][1]:
+        out.pop()  # a trailing prompt with no answer
+    return out
+
+
 def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The dialogue as the model sees it (Gemma turn format)."""
     return "".join(p for p, _ in segments(messages, add_generation_prompt))
 
 
+def pieces(messages, tokenizer, prompt_format: str = "gemma", where: str = "dialogue",
+           add_generation_prompt: bool = False):
+    """(text, trainable) pieces of a dialogue in `prompt_format` (gemma | instruction)."""
+    if prompt_format == "gemma":
+        return segments(messages, add_generation_prompt, where)
+    if prompt_format == "instruction":
+        return instruction_segments(messages, tokenizer.eos_token, add_generation_prompt, where)
+    raise ValueError(f"prompt_format={prompt_format!r}: use gemma or instruction")
+
+
 def tokenize_dialogue(tokenizer, messages: list[dict], max_length: int | None = None,
-                      where: str = "dialogue") -> dict:
+                      where: str = "dialogue", prompt_format: str = "gemma") -> dict:
     """Token ids and labels: labels copy the ids on the tutor's turns, -100 elsewhere.
 
     Each piece is tokenised on its own and the pieces are joined, so a label boundary never
@@ -71,7 +97,7 @@ def tokenize_dialogue(tokenizer, messages: list[dict], max_length: int | None = 
     boundaries in the training pipeline; here `max_length` is only checked.
     """
     ids, labels = [], []
-    for piece, trainable in segments(messages, where=where):
+    for piece, trainable in pieces(messages, tokenizer, prompt_format, where):
         piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
         ids += piece_ids
         labels += piece_ids if trainable else [IGNORE] * len(piece_ids)

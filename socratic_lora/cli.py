@@ -1,7 +1,10 @@
-"""Command line: `socratic-lora plan` and `socratic-lora demo` (`--help` on each).
+"""Command line: plan, train, chat, merge and demo (`socratic-lora COMMAND --help`).
 
     socratic-lora plan --model google/gemma-2-2b-jpn-it --mode balanced --gpu 4GiB --gpu 4GiB
-    socratic-lora demo          # the package on the offline default model, on the CPU
+    socratic-lora train --config demo [--resume] [--set key=value ...]
+    socratic-lora chat --adapter runs/demo/adapter [--prompt "..."]
+    socratic-lora merge --adapter runs/demo/adapter --out runs/demo/merged
+    socratic-lora demo          # a short tour of the package on the offline default model
 
 Errors print one line with what to do and exit with status 2, never a traceback.
 """
@@ -19,6 +22,63 @@ def _plan(args) -> None:
     plan = plan_placement(args.model, args.mode, budgets, args.cpu, bits=args.bits,
                           allow_offload=args.allow_offload)
     print(plan.table())
+
+
+def _overrides(pairs) -> dict:
+    import yaml
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set {pair!r}: write key=value, e.g. --set max_steps=10")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _train(args) -> None:
+    from .report import markdown
+    from .train import load_settings, train
+
+    settings = load_settings(args.config, **_overrides(args.set))
+    report = train(settings, resume=args.resume)
+    if report:
+        print(markdown(report).split("## Data")[0])
+        print(f"adapter: {settings.output_dir}/adapter   report: {settings.output_dir}/report.md")
+
+
+def _chat(args) -> None:
+    from .generate import load_chat_model, reply
+
+    model, tok = load_chat_model(args.model, adapter=args.adapter)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    prompts = [args.prompt] if args.prompt else None
+    while True:
+        if prompts is not None:
+            if not prompts:
+                return
+            text = prompts.pop()
+            print(f"you> {text}")
+        else:
+            try:
+                text = input("you> ").strip()
+            except EOFError:
+                return
+            if text in ("", "exit", "quit"):
+                return
+        history.append({"role": "user", "content": text})
+        print("tutor> ", end="", flush=True)
+        answer = reply(model, tok, history, preset=args.preset, stream=True)
+        history.append({"role": "assistant", "content": answer})
+
+
+def _merge(args) -> None:
+    from .export import merge_adapter, push_to_hub
+
+    out = merge_adapter(args.adapter, args.out, model=args.model, overwrite=args.overwrite)
+    print(f"merged model written to {out}")
+    if args.push_to_hub:
+        push_to_hub(out, args.push_to_hub)
+        print(f"pushed to {args.push_to_hub}")
 
 
 def _demo(args) -> None:
@@ -86,6 +146,26 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=int, default=4, choices=[4, 8, 16, 32])
     p.add_argument("--allow-offload", action="store_true", help="let layers that do not fit go to the CPU")
     p.set_defaults(func=_plan)
+    t = sub.add_parser("train", help="train a LoRA adapter from a YAML config")
+    t.add_argument("--config", required=True, help="shipped name (demo, colab_t4, kaggle_2xt4_balanced, "
+                   "kaggle_2xt4_ddp, rinna_neox_3.6b_dolly, gemma2_27b_qlora) or a path")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    t.set_defaults(func=_train)
+    c = sub.add_parser("chat", help="talk to a model (interactive, or one reply with --prompt)")
+    c.add_argument("--model", default="default", help="base model id or folder (default: offline)")
+    c.add_argument("--adapter", help="a LoRA adapter folder (runs/NAME/adapter)")
+    c.add_argument("--prompt", help="one learner message; print the reply and exit")
+    c.add_argument("--system", help="an optional system prompt")
+    c.add_argument("--preset", default="greedy", choices=["greedy", "report", "competition"])
+    c.set_defaults(func=_chat)
+    m = sub.add_parser("merge", help="merge an adapter into a 16-bit copy of its base")
+    m.add_argument("--adapter", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--model", default="default", help="the base (default: the adapter's record)")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    m.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the merged folder (HF_TOKEN)")
+    m.set_defaults(func=_merge)
     d = sub.add_parser("demo", help="a short tour of the package on the offline default model")
     d.add_argument("--steps", type=int, default=40, help="training steps, one dialogue each")
     d.add_argument("--lr", type=float, default=2e-4)
@@ -93,7 +173,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, ImportError, OSError) as e:   # our errors say what to do: one line
+    except (ValueError, ImportError, OSError, KeyboardInterrupt) as e:  # one line, no traceback
         print(f"socratic-lora {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

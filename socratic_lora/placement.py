@@ -349,8 +349,7 @@ def verify_placement(model, plan: Plan) -> None:
         if name.startswith(layers + "."):
             idx = int(name[len(layers) + 1:].split(".")[0])
             layer_devices.setdefault(idx, p.device)
-    planned_gpus = {d for b, d in plan.placed.items() if isinstance(d, int)
-                    and any(x.layer is not None and x.name == b for x in plan.blocks)}
+    planned_gpus = {d for d in plan.layers_per_device() if isinstance(d, int)}
     got = {d.index for d in layer_devices.values() if d.type == "cuda"}
     missing = planned_gpus - got
     if missing:

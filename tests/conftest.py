@@ -69,3 +69,31 @@ def default_model_dir(tmp_path_factory):
 def tokenizer(default_model_dir):
     from socratic_lora.models import load_tokenizer
     return load_tokenizer(str(default_model_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory, tokenizer):
+    """A tiny Gemma 2 whose vocabulary is the real Gemma tokenizer's, saved with it: a model
+    the whole pipeline (data, training, chat, merge) runs on in seconds."""
+    from transformers import Gemma2Config
+    path = tmp_path_factory.mktemp("tiny_chat")
+    cfg = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                       head_dim=16, max_position_embeddings=512, sliding_window=128,
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                       bos_token_id=tokenizer.bos_token_id)
+    save_tiny(cfg, path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_neox_chat_dir(tmp_path_factory, tokenizer):
+    from transformers import GPTNeoXConfig
+    path = tmp_path_factory.mktemp("tiny_neox")
+    cfg = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=512,
+                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    save_tiny(cfg, path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -1,0 +1,116 @@
+"""Generation: sampling presets, multi-turn chat that fits the context window, streaming,
+and batched generation with left padding for evaluation (lesson 07).
+
+    from socratic_lora.generate import load_chat_model, reply
+    model, tok = load_chat_model("default", adapter="runs/demo/adapter")
+    print(reply(model, tok, [{"role": "user", "content": "答えだけ教えて"}], preset="greedy"))
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .chat import pieces
+
+# Named decoding settings. "report": the source training report's sampling; "competition":
+# the write-up's repetition penalty on greedy decoding; "greedy": deterministic, for evaluation.
+PRESETS = {
+    "report": dict(do_sample=True, temperature=0.7, top_p=0.75, top_k=40,
+                   no_repeat_ngram_size=2, max_new_tokens=256),
+    "competition": dict(do_sample=False, repetition_penalty=1.1, max_new_tokens=256),
+    "greedy": dict(do_sample=False, max_new_tokens=128),
+}
+
+
+def stop_ids(tok) -> list[int]:
+    """Generation stops on <eos> and on <end_of_turn> (Gemma's end of a turn)."""
+    ids = [tok.eos_token_id]
+    end = tok.convert_tokens_to_ids("<end_of_turn>")
+    if isinstance(end, int) and end != tok.unk_token_id:
+        ids.append(end)
+    return ids
+
+
+def load_chat_model(model="default", adapter=None, **load_kwargs):
+    """A base model, a base plus a LoRA adapter, or a merged folder, ready to generate.
+
+    With an adapter and model="default", the base is taken from the adapter's record."""
+    from .models import default_model_path, load_model
+
+    if adapter is not None and model == "default":
+        record = Path(adapter) / "socratic_lora.json"
+        if record.exists():
+            model = json.loads(record.read_text())["base"]
+    model_id = str(default_model_path()) if model == "default" else model
+    m, tok = load_model(model_id, **load_kwargs)
+    if adapter is not None:
+        from peft import PeftModel
+        m = PeftModel.from_pretrained(m, adapter)
+    m.eval()
+    m.config.use_cache = True
+    return m, tok
+
+
+def context_window(model) -> int:
+    return getattr(model.config, "max_position_embeddings", 8192)
+
+
+def fit_history(tok, messages, max_prompt_tokens: int, prompt_format="gemma") -> list[dict]:
+    """Drop the oldest user/assistant exchanges (never the system message or the newest user
+    turn) until the prompt fits `max_prompt_tokens`."""
+    msgs = list(messages)
+    system = [msgs.pop(0)] if msgs and msgs[0]["role"] == "system" else []
+    while True:
+        text = "".join(p for p, _ in pieces(system + msgs, tok, prompt_format,
+                                            add_generation_prompt=True))
+        if len(tok(text, add_special_tokens=False)["input_ids"]) <= max_prompt_tokens or len(msgs) <= 1:
+            return system + msgs
+        msgs = msgs[2:]
+
+
+def _settings(preset, overrides):
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}: use one of {', '.join(PRESETS)}")
+    return {**PRESETS[preset], **overrides}
+
+
+def reply(model, tok, messages, preset: str = "greedy", stream: bool = False,
+          prompt_format: str = "gemma", **overrides) -> str:
+    """The tutor's next turn for `messages` (ending with the learner's turn)."""
+    from transformers import TextStreamer
+
+    gen = _settings(preset, overrides)
+    budget = context_window(model) - gen["max_new_tokens"]
+    msgs = fit_history(tok, messages, budget, prompt_format)
+    text = "".join(p for p, _ in pieces(msgs, tok, prompt_format, add_generation_prompt=True))
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").to(model.device)
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
+    with torch.no_grad():
+        out = model.generate(**ids, **gen, eos_token_id=stop_ids(tok),
+                             pad_token_id=tok.pad_token_id, streamer=streamer)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def reply_batch(model, tok, conversations, preset: str = "greedy", batch_size: int = 16,
+                prompt_format: str = "gemma", **overrides) -> list[str]:
+    """Replies for many conversations at once, left-padded so every prompt ends where
+    generation starts (evaluation runs)."""
+    gen = _settings(preset, overrides)
+    old_side, tok.padding_side = tok.padding_side, "left"
+    out = []
+    try:
+        for i in range(0, len(conversations), batch_size):
+            texts = ["".join(p for p, _ in pieces(c, tok, prompt_format, add_generation_prompt=True))
+                     for c in conversations[i:i + batch_size]]
+            ids = tok(texts, add_special_tokens=False, return_tensors="pt",
+                      padding=True).to(model.device)
+            with torch.no_grad():
+                gen_ids = model.generate(**ids, **gen, eos_token_id=stop_ids(tok),
+                                         pad_token_id=tok.pad_token_id)
+            new = gen_ids[:, ids["input_ids"].shape[1]:]
+            out += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tok.padding_side = old_side
+    return out

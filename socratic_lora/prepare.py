@@ -1,0 +1,206 @@
+"""From dialogue files to tokenised training examples, with the filters of the source write-ups.
+
+    from socratic_lora.prepare import read_source, tokenize_examples
+    dialogues = read_source("train")                        # shipped split, a .jsonl, or a dataset
+    examples, report = tokenize_examples(tok, dialogues, max_length=1024)   # lesson 05
+
+Sources: the shipped splits by name; our JSON Lines; any `datasets`-loadable file or folder
+with a `messages` column (chat data) or instruction/input/response (or output) columns, the
+format of dolly-15k-ja that the source training report used. Every filter returns what it
+kept and a count of what it removed and why.
+"""
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .chat import IGNORE, DialogueError, tokenize_dialogue
+from .data import SPLITS, check_dialogue, load_dialogues, load_split
+
+
+@dataclass
+class Removed:
+    """What a step removed: a count per reason, and the ids of the first few examples."""
+    step: str
+    kept: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+    truncated: int = 0          # examples shortened but kept
+
+    def add(self, reason: str, ident: str):
+        self.reasons[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 3:
+            self.examples[reason].append(ident)
+
+    @property
+    def removed(self) -> int:
+        return sum(self.reasons.values())
+
+    def __str__(self):
+        why = ", ".join(f"{n} {r}" for r, n in self.reasons.most_common()) or "nothing"
+        cut = f", {self.truncated} truncated at a turn boundary" if self.truncated else ""
+        return f"{self.step}: kept {self.kept}{cut}, removed {self.removed} ({why})"
+
+
+def instruction_to_messages(row: dict, where: str, prompt_format: str = "gemma") -> list[dict]:
+    """instruction/input/response rows (dolly-15k-ja style) as a user/assistant exchange."""
+    response = row.get("response", row.get("output"))
+    if not isinstance(row.get("instruction"), str) or not isinstance(response, str):
+        raise DialogueError(f"{where}: needs 'instruction' and 'response' (or 'output') strings")
+    prompt = row["instruction"].strip()
+    if (row.get("input") or "").strip():
+        header = "\n\n### 入力:\n" if prompt_format == "instruction" else "\n\n"
+        prompt += header + row["input"].strip()
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+def _is_our_jsonl(path: Path) -> bool:
+    with path.open("rb") as f:
+        first = f.readline()
+    try:
+        return "topic" in json.loads(first.decode("utf-8-sig"))
+    except (ValueError, TypeError):
+        return True   # let load_dialogues report the bad line
+
+
+def read_source(source, split: str = "train", prompt_format: str = "gemma") -> list[dict]:
+    """Dialogues as dicts with 'id' and 'messages' from a shipped split name, a .jsonl file of
+    our format, or anything `datasets.load_dataset` reads (a local file or folder)."""
+    if source in SPLITS:
+        return load_split(source)
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"data {source!r}: not a shipped split ({', '.join(SPLITS)}) "
+                                "and no such file or folder")
+    if path.suffix == ".jsonl" and _is_our_jsonl(path):
+        return load_dialogues(path)
+    import datasets
+
+    kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
+    ds = (datasets.load_dataset(kind, data_files=str(path), split="train") if kind
+          else datasets.load_from_disk(str(path)) if (path / "dataset_info.json").exists()
+          else datasets.load_dataset(str(path), split=split))
+    out = []
+    for i, row in enumerate(ds):
+        where = f"{source} row {i}"
+        if "messages" in row:
+            d = {"id": str(row.get("id", i)), "topic": "-", "subject": "-", "messages": row["messages"]}
+            check_dialogue(d, where)
+        else:
+            d = {"id": str(row.get("id", i)),
+                 "messages": instruction_to_messages(row, where, prompt_format)}
+        out.append(d)
+    return out
+
+
+def text_of(d: dict) -> str:
+    return "\n".join(m["content"] for m in d["messages"])
+
+
+# --- filters (the competition write-up's data cleaning) -----------------------------------
+_JA = re.compile(r"[\u3040-\u309f\u30a0-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uff66-\uff9f\u3005]")
+
+
+def japanese_share(text: str) -> float:
+    """Share of letters (after NFKC; digits, punctuation, symbols and spaces not counted) that
+    are kana or kanji. The competition write-up kept examples at >= 60 %."""
+    letters = [c for c in unicodedata.normalize("NFKC", text)
+               if unicodedata.category(c)[0] == "L"]
+    return sum(bool(_JA.match(c)) for c in letters) / len(letters) if letters else 0.0
+
+
+def filter_japanese(dialogues, min_share: float = 0.6):
+    """Keep examples whose text is at least `min_share` Japanese (the write-up kept >= 60 %)."""
+    rep, kept = Removed("japanese share"), []
+    for d in dialogues:
+        if japanese_share(text_of(d)) >= min_share:
+            kept.append(d)
+        else:
+            rep.add(f"less than {min_share:.0%} Japanese", d["id"])
+    rep.kept = len(kept)
+    return kept, rep
+
+
+def filter_rare_chars(dialogues, min_count: int = 20):
+    """Drop examples containing a character seen fewer than `min_count` times in the whole set
+    (the write-up dropped characters of frequency <= 19: mojibake, rare symbols)."""
+    counts = Counter(c for d in dialogues for c in text_of(d) if not c.isspace())
+    rep, kept = Removed("rare characters"), []
+    for d in dialogues:
+        rare = sorted({c for c in text_of(d) if not c.isspace() and counts[c] < min_count})
+        if rare:
+            rep.add(f"characters seen < {min_count} times", d["id"])
+        else:
+            kept.append(d)
+    rep.kept = len(kept)
+    return kept, rep
+
+
+def filter_banned(dialogues, banned=("###", "```")):
+    """Drop examples containing a banned substring; code fences (```) are banned by default."""
+    rep, kept = Removed("banned strings"), []
+    for d in dialogues:
+        hit = next((b for b in banned if b in text_of(d)), None)
+        if hit is None:
+            kept.append(d)
+        else:
+            rep.add("code fence" if hit == "```" else f"contains {hit!r}", d["id"])
+    rep.kept = len(kept)
+    return kept, rep
+
+
+# --- tokenisation with a length policy --------------------------------------------------
+def _tokenize(tokenizer, messages, where, prompt_format):
+    ex = tokenize_dialogue(tokenizer, messages, where=where, prompt_format=prompt_format)
+    return ex["input_ids"], ex["labels"]
+
+
+def tokenize_examples(tokenizer, dialogues, max_length: int = 1024, policy: str = "truncate",
+                      prompt_format: str = "gemma"):
+    """Tokenise with tutor-only labels. Longer than `max_length`: "truncate" drops whole
+    exchanges from the end (a cut never falls inside a turn), "drop" drops the example.
+    Returns (examples, Removed report with the counts)."""
+    if policy not in ("truncate", "drop"):
+        raise ValueError(f"length_policy={policy!r}: use truncate or drop")
+    rep, out = Removed(f"max_length {max_length} ({policy})"), []
+    for d in dialogues:
+        msgs = list(d["messages"])
+        ids, labels = _tokenize(tokenizer, msgs, d["id"], prompt_format)
+        if len(ids) > max_length and policy == "truncate":
+            while len(ids) > max_length and sum(m["role"] == "assistant" for m in msgs) > 1:
+                msgs = msgs[:-2]       # the last learner turn and the tutor's answer to it
+                ids, labels = _tokenize(tokenizer, msgs, d["id"], prompt_format)
+            rep.truncated += len(ids) <= max_length
+        if len(ids) > max_length:
+            rep.add("longer than max_length even after truncation" if policy == "truncate"
+                    else "longer than max_length", d["id"])
+            continue
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels,
+                    "length": len(ids)})
+    rep.kept = len(out)
+    return out, rep
+
+
+class Collator:
+    """Pads a batch to its longest example (not to max_length): labels with -100, inputs with
+    the pad id, on the right for training. With length-grouped batches, little is padding."""
+
+    def __init__(self, pad_id: int, multiple_of: int = 8):
+        self.pad_id, self.multiple_of = pad_id, multiple_of
+        self.tokens = 0   # real (non-pad) tokens seen, for tokens/s in the report
+
+    def __call__(self, batch):
+        import torch
+
+        n = max(len(b["input_ids"]) for b in batch)
+        n = -(-n // self.multiple_of) * self.multiple_of
+        def pad(key, value):
+            return torch.tensor([b[key] + [value] * (n - len(b[key])) for b in batch])
+        self.tokens += sum(len(b["input_ids"]) for b in batch)
+        return {"input_ids": pad("input_ids", self.pad_id),
+                "attention_mask": pad("attention_mask", 0), "labels": pad("labels", IGNORE)}

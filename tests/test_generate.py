@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from socratic_lora.generate import PRESETS, fit_history, load_chat_model, reply, reply_batch, stop_ids
+from socratic_lora.train import load_settings, train
+
+
+def test_presets_from_the_sources():
+    assert PRESETS["report"] == dict(do_sample=True, temperature=0.7, top_p=0.75, top_k=40,
+                                     no_repeat_ngram_size=2, max_new_tokens=256)
+    assert PRESETS["competition"]["repetition_penalty"] == 1.1
+    assert PRESETS["greedy"]["do_sample"] is False
+
+
+def test_stops_on_end_of_turn_and_eos(tokenizer):
+    ids = stop_ids(tokenizer)
+    assert tokenizer.eos_token_id in ids
+    assert tokenizer.convert_tokens_to_ids("<end_of_turn>") in ids
+
+
+def test_history_is_trimmed_from_the_oldest_exchange(tokenizer):
+    msgs = [{"role": "system", "content": "先生です"}]
+    for i in range(20):
+        msgs += [{"role": "user", "content": f"質問{i}" * 10}, {"role": "assistant", "content": f"答え{i}"}]
+    msgs.append({"role": "user", "content": "最後の質問"})
+    kept = fit_history(tokenizer, msgs, max_prompt_tokens=120)
+    assert kept[0]["role"] == "system" and kept[-1]["content"] == "最後の質問"
+    assert kept[1]["role"] == "user" and len(kept) < len(msgs)
+    from socratic_lora.chat import render_chat
+    assert len(tokenizer(render_chat(kept, True), add_special_tokens=False)["input_ids"]) <= 120
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tmp_path_factory, tiny_chat_dir):
+    out = tmp_path_factory.mktemp("adapter_run")
+    train(load_settings("demo", model=tiny_chat_dir, eval_data=None, max_steps=2, batch_size=2,
+                        lora_r=4, lora_alpha=8, output_dir=str(out)))
+    return out / "adapter"
+
+
+def test_batch_generation_with_left_padding_equals_one_by_one(tiny_chat_dir):
+    model, tok = load_chat_model(tiny_chat_dir)
+    side = tok.padding_side
+    convs = [[{"role": "user", "content": "短い"}],
+             [{"role": "user", "content": "これはずっと長い質問で、左に詰め物が必要になります"}]]
+    batch = reply_batch(model, tok, convs, preset="greedy", max_new_tokens=8)
+    single = [reply(model, tok, c, preset="greedy", max_new_tokens=8) for c in convs]
+    assert batch == single
+    assert tok.padding_side == side             # restored afterwards
+
+
+def test_base_adapter_and_merged_agree(tmp_path, tiny_chat_dir, trained_adapter):
+    from socratic_lora.export import merge_adapter
+    base, tok = load_chat_model(tiny_chat_dir)
+    tuned, _ = load_chat_model("default", adapter=str(trained_adapter))   # base from the record
+    merged_dir = merge_adapter(trained_adapter, tmp_path / "merged", dtype=torch.float32)
+    merged, _ = load_chat_model(str(merged_dir))
+    x = torch.tensor([tok("<start_of_turn>user\nこんにちは", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        a, b, c = (m(input_ids=x).logits for m in (base, tuned, merged))
+    assert not torch.allclose(a, b, atol=1e-4)                   # the adapter changes the model
+    torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-4)       # merging keeps the change
+    assert (merged_dir / "model.safetensors").exists() and (merged_dir / "chat_template.jinja").exists()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        merge_adapter(trained_adapter, merged_dir)
+
+
+def test_chat_command_one_shot(capsys, trained_adapter):
+    from socratic_lora.cli import main
+    assert main(["chat", "--adapter", str(trained_adapter), "--prompt", "なぜ空は青いの？"]) == 0
+    out = capsys.readouterr().out
+    assert "you> なぜ空は青いの？" in out and "tutor> " in out
+
+
+def test_cli_errors_are_one_line(capsys):
+    from socratic_lora.cli import main
+    assert main(["train", "--config", "no_such_config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("socratic-lora train: error:")
