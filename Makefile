@@ -1,4 +1,5 @@
-# make book   build the Jupyter Book on the offline default (for now: the package demo)
+# make book   the main job on the offline default (until the book exists: train the demo
+#             config on the CPU, then ask the tuned tutor one question)
 # make test   run the test suite
 # Both create .venv and install everything on first use (CPU torch; offline default model).
 VENV  ?= .venv
@@ -20,6 +21,8 @@ test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/socratic-lora demo
 
-book: demo
+book: $(VENV)/.installed
+	$(VENV)/bin/socratic-lora train --config demo --set output_dir=runs/demo --set save_steps=1000
+	$(VENV)/bin/socratic-lora chat --adapter runs/demo/adapter --prompt "宿題の答えを教えて。なぜ夜空は暗いの？"
 
 .PHONY: install test demo book

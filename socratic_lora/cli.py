@@ -47,8 +47,11 @@ def _train(args) -> None:
 
 
 def _chat(args) -> None:
+    import torch
+
     from .generate import load_chat_model, reply
 
+    torch.manual_seed(args.seed)
     model, tok = load_chat_model(args.model, adapter=args.adapter)
     history = [{"role": "system", "content": args.system}] if args.system else []
     prompts = [args.prompt] if args.prompt else None
@@ -157,7 +160,10 @@ def main(argv=None) -> int:
     c.add_argument("--adapter", help="a LoRA adapter folder (runs/NAME/adapter)")
     c.add_argument("--prompt", help="one learner message; print the reply and exit")
     c.add_argument("--system", help="an optional system prompt")
-    c.add_argument("--preset", default="greedy", choices=["greedy", "report", "competition"])
+    c.add_argument("--preset", default="report", choices=["report", "competition", "greedy"],
+                   help="decoding: report = the source report's sampling (default), "
+                        "competition = greedy with repetition penalty 1.1, greedy = evaluation")
+    c.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same reply)")
     c.set_defaults(func=_chat)
     m = sub.add_parser("merge", help="merge an adapter into a 16-bit copy of its base")
     m.add_argument("--adapter", required=True)
