@@ -1,9 +1,10 @@
-"""Command line: plan, train, chat, merge and demo (`socratic-lora COMMAND --help`).
+"""Command line: plan, train, chat, merge, eval and demo (`socratic-lora COMMAND --help`).
 
     socratic-lora plan --model google/gemma-2-2b-jpn-it --mode balanced --gpu 4GiB --gpu 4GiB
     socratic-lora train --config demo [--resume] [--set key=value ...]
     socratic-lora chat --adapter runs/demo/adapter [--prompt "..."]
     socratic-lora merge --adapter runs/demo/adapter --out runs/demo/merged
+    socratic-lora eval --adapter runs/demo/adapter --split eval|adversarial
     socratic-lora demo          # a short tour of the package on the offline default model
 
 Errors print one line with what to do and exit with status 2, never a traceback.
@@ -82,6 +83,19 @@ def _merge(args) -> None:
     if args.push_to_hub:
         push_to_hub(out, args.push_to_hub)
         print(f"pushed to {args.push_to_hub}")
+
+
+def _eval(args) -> None:
+    from .evaluate import eval_markdown, run_eval, write_eval
+
+    systems = [x.strip() for x in args.systems.split(",") if x.strip()]
+    if args.adapter is None and "tuned" in systems:
+        systems.remove("tuned")
+    res = run_eval(args.model, args.adapter, args.split, systems, args.limit, args.preset,
+                   args.max_new_tokens, args.batch_size, args.seed)
+    write_eval(res, args.out)
+    print(eval_markdown(res, examples=1))
+    print(f"written: {args.out}/eval.json, eval.md, eval.png")
 
 
 def _demo(args) -> None:
@@ -172,6 +186,18 @@ def main(argv=None) -> int:
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     m.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the merged folder (HF_TOKEN)")
     m.set_defaults(func=_merge)
+    e = sub.add_parser("eval", help="score base, prompted, few-shot and tuned systems side by side")
+    e.add_argument("--model", default="default")
+    e.add_argument("--adapter", help="the tuned system's adapter (without it: no 'tuned' row)")
+    e.add_argument("--split", default="eval", choices=["eval", "adversarial"])
+    e.add_argument("--systems", default="base,prompted,fewshot,tuned")
+    e.add_argument("--limit", type=int, help="only the first N dialogues of the split")
+    e.add_argument("--preset", default="greedy", choices=["greedy", "competition", "report"])
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", default="runs/eval")
+    e.set_defaults(func=_eval)
     d = sub.add_parser("demo", help="a short tour of the package on the offline default model")
     d.add_argument("--steps", type=int, default=40, help="training steps, one dialogue each")
     d.add_argument("--lr", type=float, default=2e-4)

@@ -77,3 +77,15 @@ def test_cli_errors_are_one_line(capsys):
     assert main(["train", "--config", "no_such_config"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("socratic-lora train: error:")
+
+
+def test_eval_command_writes_table_and_chart(tmp_path, trained_adapter):
+    import json
+    from socratic_lora.cli import main
+    out = tmp_path / "eval"
+    assert main(["eval", "--adapter", str(trained_adapter), "--split", "adversarial", "--limit", "2",
+                 "--max-new-tokens", "4", "--out", str(out)]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert list(res["systems"]) == ["base", "prompted", "fewshot", "tuned"]
+    assert all("leakage" in m and "question_rate" in m for m in res["systems"].values())
+    assert "| tuned |" in (out / "eval.md").read_text() and (out / "eval.png").stat().st_size > 1000
