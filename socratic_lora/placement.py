@@ -63,8 +63,31 @@ class Block:
     tied_to: str | None = None     # a block whose weights this one shares (tied output head)
 
 
+# Architectures the book plans for, shipped so that planning needs no download or token.
+KNOWN_CONFIGS = {
+    "google/gemma-2-2b-jpn-it": "gemma-2-2b-jpn-it.json",
+    "google/gemma-2-27b-it": "gemma-2-27b-it.json",
+    "rinna/japanese-gpt-neox-3.6b": "japanese-gpt-neox-3.6b.json",
+}
+
+
+def known_config(model_id: str):
+    """The shipped config of a model in KNOWN_CONFIGS (architecture only, no weights)."""
+    import json
+    from importlib.resources import files
+
+    from transformers import AutoConfig
+    if model_id not in KNOWN_CONFIGS:
+        raise KeyError(f"{model_id!r} is not shipped; known: {', '.join(KNOWN_CONFIGS)}")
+    raw = json.loads(files("socratic_lora").joinpath(
+        f"data/model_configs/{KNOWN_CONFIGS[model_id]}").read_text(encoding="utf-8"))
+    return AutoConfig.for_model(**raw)
+
+
 def _load_config(model_or_config, token=None, trust_remote_code=False):
     if isinstance(model_or_config, (str, os.PathLike)):
+        if str(model_or_config) in KNOWN_CONFIGS and not os.path.isdir(model_or_config):
+            return known_config(str(model_or_config))   # planning: no download, no token
         from transformers import AutoConfig
         return AutoConfig.from_pretrained(model_or_config, token=token,
                                           trust_remote_code=trust_remote_code)
