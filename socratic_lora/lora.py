@@ -107,3 +107,69 @@ def trainable_report(model) -> dict:
 def format_report(r: dict) -> str:
     return (f"trainable parameters: {r['trainable']:,} of {r['total']:,} "
             f"({r['percent']:.2f} %), adapter {r['adapter_mb']:.1f} MB")
+
+
+# --- LoRA size from a config alone (lesson 04) --------------------------------------------
+def lora_targeted_linears(config, targets="attention") -> list:
+    """(module name, in_features, out_features) of every linear layer LoRA would wrap in the
+    model of `config`, built on the meta device: shapes only, no weights, no download.
+    `targets` as in LoraSettings; "all-linear" leaves out the output layer (lm_head), as peft does."""
+    from .placement import empty_model
+
+    model = empty_model(config)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if targets == "all-linear":
+        out = model.get_output_embeddings()
+        chosen = [(n, m) for n, m in linears if m is not out]
+    else:
+        names = set(resolve_targets(model, targets))
+        chosen = [(n, m) for n, m in linears if n.rsplit(".", 1)[-1] in names]
+    return [(n, m.in_features, m.out_features) for n, m in chosen]
+
+
+def lora_parameter_count(config, r: int, targets="attention") -> int:
+    """Trainable LoRA parameters for rank `r`: each wrapped linear W (out x in) gets
+    A (r x in) and B (out x r), so r * (in + out) each. Equals what peft reports."""
+    if not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r={r!r}: the rank must be a positive integer (e.g. 16)")
+    return sum(r * (i + o) for _, i, o in lora_targeted_linears(config, targets))
+
+
+def plot_rank(config, ranks=(4, 8, 16, 32, 64), targets=("attention", "all-linear"),
+              bytes_per_param: int = 4, title: str | None = None):
+    """A matplotlib Figure: trainable LoRA parameters (and adapter MB in float32) against the
+    rank r, one line per target set, for the model of `config` (no weights needed)."""
+    import matplotlib.pyplot as plt
+
+    from .placement import empty_model
+
+    total = sum(p.numel() for p in empty_model(config).parameters())
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=110)
+    top = 0.0
+    for k, t in enumerate(targets):
+        per_rank = lora_parameter_count(config, 1, t)   # the count is linear in r
+        counts = [per_rank * r for r in ranks]
+        top = max(top, counts[-1] / 1e6)
+        label = t if isinstance(t, str) else "+".join(t)
+        ax.plot(ranks, [c / 1e6 for c in counts], "o-", label=label)
+        below = k == 0 and len(targets) > 1   # first line's labels under it, others above
+        for r_, c in zip(ranks, counts):
+            ax.annotate(f"{c / 1e6:.1f}M ({100 * c / total:.2f}%)", (r_, c / 1e6),
+                        textcoords="offset points", xytext=(0, -8) if below else (-5, 3),
+                        ha="center" if below else "right", va="top" if below else "bottom",
+                        fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(ranks), [str(r_) for r_ in ranks])
+    ax.set_xlabel("LoRA rank r")
+    ax.set_ylabel("trainable parameters (millions)")
+    right = ax.secondary_yaxis("right", functions=(lambda m: m * bytes_per_param,
+                                                   lambda mb: mb / bytes_per_param))
+    right.set_ylabel(f"adapter size (MB, {8 * bytes_per_param}-bit)")
+    ax.set_title(title or f"LoRA size vs rank ({getattr(config, 'model_type', 'model')}, "
+                          f"{total / 1e9:.2f}B parameters)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(title="targets", loc="upper left")
+    ax.set_ylim(-0.12 * top, 1.1 * top)
+    ax.set_xlim(ranks[0] / 2, ranks[-1] * 1.4)
+    fig.tight_layout()
+    return fig
