@@ -106,3 +106,48 @@ def tokenize_dialogue(tokenizer, messages: list[dict], max_length: int | None = 
     if max_length is not None and len(ids) > max_length:
         raise DialogueError(f"{where}: {len(ids)} tokens, more than max_length={max_length}")
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+# --- the label mask, token by token (lesson 05) -------------------------------------------
+def label_mask_rows(tokenizer, messages: list[dict], where: str = "dialogue") -> list[tuple]:
+    """(position, token id, token text, trained) for every token of `messages` as
+    `tokenize_dialogue` makes them; trained means the label is the token (not -100)."""
+    ex = tokenize_dialogue(tokenizer, messages, where=where)
+    return [(i, t, tokenizer.convert_ids_to_tokens(t), lab != IGNORE)
+            for i, (t, lab) in enumerate(zip(ex["input_ids"], ex["labels"]))]
+
+
+def plot_label_mask(tokenizer, messages: list[dict], per_row: int = 20, where: str = "dialogue"):
+    """A matplotlib Figure: one box per token of the dialogue, in reading order, `per_row`
+    boxes a row; trained tokens (tutor words and its <end_of_turn>) filled, masked ones
+    (label -100: <bos>, turn headers, learner and system words, newlines) grey. Boxes show
+    the token position, not its text: Japanese text needs a CJK font that a build machine
+    may lack; pair the figure with `label_mask_rows` to read the tokens."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch, Rectangle
+
+    if per_row <= 0:
+        raise ValueError(f"per_row={per_row!r}: must be a positive number of boxes per row")
+    rows = label_mask_rows(tokenizer, messages, where)
+    n_rows = -(-len(rows) // per_row)
+    fig, ax = plt.subplots(figsize=(0.42 * per_row + 0.4, 0.42 * n_rows + 1.0), dpi=110)
+    colors = {True: "#f28e2b", False: "#d9d9d9"}
+    special = {BOS, START, END}
+    for pos, _, token, trained in rows:
+        x, y = pos % per_row, -(pos // per_row)
+        ax.add_patch(Rectangle((x, y), 0.92, 0.92, facecolor=colors[trained],
+                               edgecolor="black" if token in special else "white",
+                               linewidth=1.2 if token in special else 0.5))
+        ax.text(x + 0.46, y + 0.46, str(pos), ha="center", va="center", fontsize=6)
+    ax.set_xlim(-0.1, per_row + 0.1)
+    ax.set_ylim(-(n_rows - 1) - 0.1, 1.02)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    trained = sum(r[3] for r in rows)
+    ax.legend(handles=[Patch(facecolor=colors[True], label=f"trained: label = token ({trained})"),
+                       Patch(facecolor=colors[False], label=f"masked: label = -100 ({len(rows) - trained})"),
+                       Patch(facecolor="white", edgecolor="black", label="special token")],
+              loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=7, frameon=False)
+    ax.set_title(f"label mask of {where}: {len(rows)} tokens, number = position", fontsize=9)
+    fig.tight_layout()
+    return fig

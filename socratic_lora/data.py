@@ -144,3 +144,41 @@ def statistics(dialogues: list[dict], tokenizer=None) -> dict:
         out.update(tokens_mean=sum(toks) / len(toks), tokens_median=toks[len(toks) // 2],
                    tokens_max=toks[-1], tokens_total=sum(toks))
     return out
+
+
+# --- lengths in tokens, as a histogram (lesson 05) ----------------------------------------
+def token_lengths(dialogues: list[dict], tokenizer) -> list[int]:
+    """Tokens per dialogue as training sees them (`tokenize_dialogue`, system folded in)."""
+    from .chat import tokenize_dialogue
+
+    return [len(tokenize_dialogue(tokenizer, d["messages"], where=d["id"])["input_ids"])
+            for d in dialogues]
+
+
+def plot_lengths(splits: dict, tokenizer, bins: int = 20, max_length: int | None = None):
+    """A matplotlib Figure: histogram of tokens per dialogue, one colour per split
+    (`splits` = {"train": dialogues, "eval": dialogues, ...}), with a dashed line at
+    `max_length` (the training cut-off) when given. Bin edges are shared by all splits."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not splits:
+        raise ValueError("plot_lengths: splits is empty; pass e.g. {'train': load_split('train')}")
+    lengths = {name: token_lengths(ds, tokenizer) for name, ds in splits.items()}
+    every = [n for ls in lengths.values() for n in ls]
+    hi = max(every + ([max_length] if max_length else []))
+    edges = np.linspace(0, hi * 1.02, bins + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    for name, ls in lengths.items():
+        ax.hist(ls, bins=edges, alpha=0.6,
+                label=f"{name}: {len(ls)} dialogues, median {int(np.median(ls))}, max {max(ls)}")
+    if max_length:
+        ax.axvline(max_length, color="black", linestyle="--", linewidth=1,
+                   label=f"max_length = {max_length}")
+    ax.set_xlabel("tokens per dialogue (Gemma turn format)")
+    ax.set_ylabel("dialogues")
+    ax.grid(alpha=0.3)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.35)   # room for the legend above the bars
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig
