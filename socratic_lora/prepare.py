@@ -204,3 +204,51 @@ class Collator:
         self.tokens += sum(len(b["input_ids"]) for b in batch)
         return {"input_ids": pad("input_ids", self.pad_id),
                 "attention_mask": pad("attention_mask", 0), "labels": pad("labels", IGNORE)}
+
+
+# --- helpers for reading the filters' decisions (appendix A) -----------------------------
+def rare_characters(dialogues, min_count: int = 20, only: dict | None = None) -> dict:
+    """The characters `filter_rare_chars(dialogues, min_count)` counts as rare, with how often
+    each occurs in the whole set, rarest first. `only`: one dialogue, to see why it was dropped."""
+    if not isinstance(min_count, int) or isinstance(min_count, bool) or min_count < 1:
+        raise ValueError(f"min_count={min_count!r}: give a positive whole number (20 in the write-up)")
+    counts = Counter(c for d in dialogues for c in text_of(d) if not c.isspace())
+    pool = counts if only is None else Counter(c for c in text_of(only) if not c.isspace())
+    rare = {c: counts[c] for c in pool if counts[c] < min_count}
+    return dict(sorted(rare.items(), key=lambda kv: (kv[1], kv[0])))
+
+
+@dataclass
+class Fixed(Removed):
+    """A Removed report for a step that changes text instead of dropping examples."""
+    fixes: Counter = field(default_factory=Counter)
+
+    def __str__(self):
+        what = ", ".join(f"{n} x {b!r}" for b, n in self.fixes.most_common()) or "nothing"
+        return f"{self.step}: kept {self.kept}, fixed {sum(self.fixes.values())} ({what})"
+
+
+def replace_substrings(dialogues, fixes: dict):
+    """Fix known bad substrings in every message (the write-up's last cleaning step), e.g.
+    {"ですです": "です"}. Returns (fixed copies, a Fixed report counting the fixes; removes none)."""
+    if not isinstance(fixes, dict) or not all(isinstance(k, str) and k and isinstance(v, str)
+                                              for k, v in fixes.items()):
+        raise ValueError(f"fixes={fixes!r}: give a dict of non-empty strings to their "
+                         "replacements, e.g. {'ですです': 'です'}")
+    rep, out = Fixed("substring fixes"), []
+    for d in dialogues:
+        msgs = []
+        for m in d["messages"]:
+            text = m["content"]
+            for bad, good in fixes.items():
+                n = text.count(bad)
+                if n:
+                    rep.fixes[bad] += n
+                    rep.examples.setdefault(bad, [])
+                    if d["id"] not in rep.examples[bad] and len(rep.examples[bad]) < 3:
+                        rep.examples[bad].append(d["id"])
+                    text = text.replace(bad, good)
+            msgs.append({**m, "content": text})
+        out.append({**d, "messages": msgs})
+    rep.kept = len(out)
+    return out, rep
