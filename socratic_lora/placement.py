@@ -383,3 +383,78 @@ def verify_placement(model, plan: Plan) -> None:
         if on_cpu:
             raise PlacementError(f"{len(on_cpu)} module(s) ended up off the GPUs "
                                  f"(first: {on_cpu[0]}) although offloading was not allowed")
+
+
+# --- Lesson 03 (multi-GPU): the plan as a picture ---
+
+def plot_plan(plan: Plan, ax=None, title: str | None = None, legend: bool = True):
+    """A matplotlib Figure: one horizontal bar per device of `plan`, its blocks laid end to
+    end in forward order with widths in GiB: the blocks before the decoder layers (the
+    embeddings), the layers (alternating shades), the blocks after them (final norm, an
+    untied output head). A red tick marks each device's budget; a tied head takes no room.
+
+    `ax` draws into an existing Axes (e.g. two plans side by side) and returns its Figure;
+    `legend=False` leaves out the colour legend (for all but one of several plans).
+    Labels are ASCII (lesson 03 explains them in Japanese).
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    if not isinstance(plan, Plan) or not plan.blocks:
+        raise ValueError("plot_plan: give a Plan from plan_placement(...)")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 1.1 + 0.75 * len(set(plan.placed.values()))), dpi=110)
+    else:
+        fig = ax.figure
+    devices = sorted(set(plan.placed.values()), key=lambda d: (isinstance(d, str), d))
+    layer_idx = [i for i, b in enumerate(plan.blocks) if b.layer is not None]
+    first = layer_idx[0] if layer_idx else len(plan.blocks)   # blocks before it: "before"
+    colors = {"before": "#f28e2b", "after": "#59a14f", "layer": ("#4e79a7", "#a0cbe8")}
+    used = plan.bytes_per_device()
+    gpu_budgets = [v for k, v in plan.budgets.items() if k != "cpu"]
+    right = 1.12 * max([*used.values(), *gpu_budgets]) / 2**30
+    for row, dev in enumerate(devices):
+        y = len(devices) - 1 - row
+        x = 0.0
+        for i, b in enumerate(plan.blocks):
+            if plan.placed[b.name] != dev or b.bytes == 0:
+                continue
+            width = b.bytes / 2**30
+            if b.layer is not None:
+                color = colors["layer"][b.layer % 2]
+            else:
+                color = colors["before"] if i < first else colors["after"]
+            ax.barh(y, width, left=x, height=0.6, color=color, edgecolor="white", linewidth=0.3)
+            if b.layer is None and width > 0.12 * right:
+                ax.text(x + width / 2, y, b.name.rsplit(".", 1)[-1], ha="center", va="center",
+                        fontsize=8)
+            x += width
+        layers = plan.layers_per_device().get(dev, [])
+        span = (f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1
+                else f"layer {layers[0]}" if layers else "no layers")
+        budget = plan.budgets.get(dev)
+        tick = budget / 2**30 if budget is not None and budget / 2**30 <= right else None
+        if tick is not None:
+            ax.plot([tick] * 2, [y - 0.4, y + 0.4], color="#e15759", linewidth=2)
+        ax.text(max(x, tick or 0.0) + 0.015 * right, y, f"{span}, {used[dev] / 2**30:.2f} GiB",
+                va="center", fontsize=8)
+    ax.set_yticks(range(len(devices)),
+                  [(f"GPU {d}" if isinstance(d, int) else str(d).upper())
+                   + (f"\nbudget {plan.budgets[d] / 2**30:.2f}" if d in plan.budgets else "")
+                   for d in reversed(devices)], fontsize=8)
+    ax.set_xlim(0, right * 1.3)   # room for the labels at the bar ends
+    ax.set_ylim(-0.6, len(devices) - 0.4)
+    ax.set_xlabel("weight memory (GiB)")
+    n_layers = len(layer_idx)
+    ax.set_title(title or f"placement plan ({plan.mode}): {n_layers} layers, "
+                          f"{sum(used.values()) / 2**30:.2f} GiB of weights", fontsize=10)
+    if legend:
+        ax.legend(handles=[Patch(color=colors["before"], label="embeddings (before the layers)"),
+                           Patch(color=colors["layer"][0], label="decoder layers"),
+                           Patch(color=colors["after"], label="final norm / head (after)"),
+                           Patch(color="#e15759", label="budget")],
+                  loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(devices) < 3 else -0.22),
+                  ncol=4, fontsize=7, frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig

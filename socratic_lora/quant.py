@@ -100,3 +100,123 @@ def weight_memory(config, bits: int = 16, double_quant: bool = True) -> dict:
         "bytes": sum(s.bytes for s in sizes),
         "gib": sum(s.bytes for s in sizes) / 2**30,
     }
+
+
+# --- Lesson 02 (quantization): the 4-bit code books, a round trip on a real weight, a figure ---
+
+def _bnb_functional():
+    """`bitsandbytes.functional`, imported without its import-time notice that an optional
+    CPU kernel package (`kernels`) is missing: the notice is about speed, not correctness."""
+    import logging
+
+    log = logging.getLogger("bitsandbytes")
+    old = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as bnb_f
+    finally:
+        log.setLevel(old)
+    return bnb_f
+
+
+def codebook(quant_type: str = "nf4") -> torch.Tensor:
+    """The 16 values a 4-bit code stands for, before scaling by its block's absmax (float32, CPU).
+
+    nf4: quantiles of a normal distribution (dense near 0, where most weights are), exact 0;
+    fp4: a tiny float format (1 sign, 2 exponent, 1 mantissa bit), +0 and -0 both present.
+    """
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type={quant_type!r}: use nf4 or fp4")
+    return _bnb_functional().get_4bit_type(quant_type, device="cpu").float().cpu()
+
+
+def quantize_roundtrip(weight: torch.Tensor, quant_type: str = "nf4", double_quant: bool = True,
+                       blocksize: int = BLOCK, storage_dtype: str = "uint8") -> dict:
+    """Quantize `weight` to 4 bits with bitsandbytes, de-quantize it, and measure the damage.
+
+    Runs on the tensor's device (bitsandbytes >= 0.48 has CPU kernels, so the book runs it on
+    the CPU). Returns the errors (mean and max absolute, relative Frobenius norm), what the
+    quantized tensor costs in bytes (packed codes + block scales, + the second-level scales
+    with double quantization; the per-tensor code tables of about 1 KiB are not counted) and
+    the dtype and shape the packed codes are stored in.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError("quantize_roundtrip: give a 2-D floating-point weight matrix, e.g. "
+                         "model.get_submodule('model.layers.0.mlp.down_proj').weight")
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type={quant_type!r}: use nf4 or fp4")
+    if storage_dtype not in DTYPES:
+        raise ValueError(f"storage_dtype={storage_dtype!r}: use one of {sorted(DTYPES)}")
+    bnb_f = _bnb_functional()
+    w = weight.detach()
+    packed, state = bnb_f.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
+                                        quant_type=quant_type, quant_storage=DTYPES[storage_dtype])
+    back = bnb_f.dequantize_4bit(packed, state)
+    diff = back.float() - w.float()
+    n = w.numel()
+    scale_bytes = state.absmax.numel() * state.absmax.element_size()
+    if state.nested:  # second-level float32 scales, plus one float32 offset
+        scale_bytes += state.state2.absmax.numel() * state.state2.absmax.element_size() + 4
+    total = packed.numel() * packed.element_size() + scale_bytes
+    return {
+        "quant_type": quant_type,
+        "double_quant": double_quant,
+        "weights": n,
+        "mean_abs_error": diff.abs().mean().item(),
+        "max_abs_error": diff.abs().max().item(),
+        "relative_error": (diff.norm() / w.float().norm()).item(),
+        "bytes": total,
+        "bytes_per_weight": total / n,
+        "packed_dtype": str(packed.dtype).replace("torch.", ""),
+        "packed_shape": tuple(packed.shape),
+    }
+
+
+def plot_weight_memory(config, bits=(32, 16, 8, 4), double_quant: bool = True,
+                       limits: dict | None = None, title: str | None = None):
+    """A matplotlib Figure: weight memory (GiB) of the model of `config` (a config, a model
+    or a model id) at each precision in `bits`, one stacked bar each: the decoder's linear
+    layers (what bitsandbytes quantizes) and the rest (embeddings, norms: kept 16-bit, or
+    32-bit in the 32-bit bar).
+
+    `limits` draws dashed lines, e.g. {"one T4 (15 GiB)": 15}. Labels are ASCII, because
+    Japanese text needs a font that a build machine may lack; lesson 02 explains them.
+    """
+    import matplotlib.pyplot as plt
+
+    from .placement import _load_config
+
+    config = _load_config(config)
+    bits = tuple(bits)
+    bad = [b for b in bits if b not in (32, 16, 8, 4)]
+    if not bits or bad:
+        raise ValueError(f"bits={bits!r}: choose from 32, 16, 8 and 4")
+    linear = weight_memory(config, 4, double_quant)["quantized_parameters"]
+    rows = []
+    for b in bits:
+        mem = weight_memory(config, b, double_quant)
+        per = {32: 4.0, 16: 2.0}.get(b) or bytes_per_weight(b, double_quant)
+        rows.append((b, linear * per / 2**30, (mem["bytes"] - linear * per) / 2**30,
+                     mem["parameters"]))
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=110)
+    x = list(range(len(rows)))
+    lin = [r[1] for r in rows]
+    rest = [r[2] for r in rows]
+    ax.bar(x, lin, color="#4e79a7", label="linear layers (quantized below 16-bit)")
+    ax.bar(x, rest, bottom=lin, color="#f28e2b", label="embeddings, norms (not quantized)")
+    for i, (a, c) in enumerate(zip(lin, rest)):
+        ax.text(i, a + c, f"{a + c:.2f} GiB", ha="center", va="bottom", fontsize=9)
+    for k, (name, value) in enumerate((limits or {}).items()):
+        ax.axhline(value, color="grey", linestyle=("--", ":", "-.")[k % 3], linewidth=1)
+        ax.text(len(rows) - 0.55, value, name, ha="right", va="bottom", fontsize=8,
+                color="dimgrey", bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
+    ax.set_xticks(x, [f"{b}-bit" + (" (NF4)" if b == 4 else "") for b, *_ in rows])
+    ax.set_ylabel("weight memory (GiB)")
+    top = max(a + c for a, c in zip(lin, rest))
+    ax.set_ylim(0, 1.15 * max([top, *(limits or {}).values()]))
+    ax.set_title(title or f"weights of {getattr(config, 'model_type', 'model')} "
+                          f"({rows[0][3] / 1e9:.2f}B parameters) by precision", fontsize=10)
+    ax.legend(loc="center right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
