@@ -78,12 +78,17 @@ def setup(use_gpu_model: bool = False, work: str | os.PathLike = "runs", quiet: 
     `quiet` lowers transformers' logging to errors and prints warnings without file paths.
     During the book build ($SOCRATIC_LORA_BOOK=1) progress bars are off as well.
     """
+    if quiet:
+        # Before the first transformers import: tqdm warns about missing notebook widgets then.
+        warnings.formatwarning = _short_warnings
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import logging
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels
     import torch
 
     if quiet:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
-        warnings.formatwarning = _short_warnings
     if os.environ.get("SOCRATIC_LORA_BOOK"):
         os.environ["TQDM_DISABLE"] = "1"
         from transformers.utils import logging as hf_logging
