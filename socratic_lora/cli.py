@@ -12,15 +12,26 @@ Errors print one line with what to do and exit with status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import time
+from pathlib import Path
 
 
 def _plan(args) -> None:
-    from .placement import plan_placement
+    from .placement import KNOWN_CONFIGS, parse_memory, plan_placement
 
+    for i, size in enumerate(args.gpu or []):
+        parse_memory(size, f"--gpu #{i + 1} (GPU {i})")
+    parse_memory(args.cpu, "--cpu")
+    model = args.model
+    if model not in KNOWN_CONFIGS or Path(model).is_dir():   # shipped configs need no download
+        from .models import get_hf_token, load_config
+        token = None if Path(model).is_dir() else get_hf_token()
+        model = load_config(model, token=token)
     budgets = dict(enumerate(args.gpu)) if args.gpu else None
-    plan = plan_placement(args.model, args.mode, budgets, args.cpu, bits=args.bits,
+    plan = plan_placement(model, args.mode, budgets, args.cpu, bits=args.bits,
                           allow_offload=args.allow_offload)
     print(plan.table())
 
@@ -30,9 +41,13 @@ def _overrides(pairs) -> dict:
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise ValueError(f"--set {pair!r}: write key=value, e.g. --set max_steps=10")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"--set {pair!r}: the value is not valid YAML; quote it, e.g. "
+                             f"--set '{key.strip()}=\"...\"'") from None
     return out
 
 
@@ -41,7 +56,7 @@ def _train(args) -> None:
     from .train import load_settings, train
 
     settings = load_settings(args.config, **_overrides(args.set))
-    report = train(settings, resume=args.resume)
+    report = train(settings, resume=args.resume, overwrite=args.overwrite)
     if report:
         print(markdown(report).split("## Data")[0])
         print(f"adapter: {settings.output_dir}/adapter   report: {settings.output_dir}/report.md")
@@ -85,15 +100,42 @@ def _merge(args) -> None:
         print(f"pushed to {args.push_to_hub}")
 
 
+def _write_eval_atomically(write_eval, res, out: Path) -> None:
+    """write_eval into a temporary folder beside `out`, then rename: a kill while writing
+    leaves no half eval.json in `out` (each file is replaced whole)."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_eval(res, tmp)
+        if not out.exists():
+            os.replace(tmp, out)
+            return
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _eval(args) -> None:
     from .evaluate import eval_markdown, run_eval, write_eval
 
     systems = [x.strip() for x in args.systems.split(",") if x.strip()]
     if args.adapter is None and "tuned" in systems:
         systems.remove("tuned")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder name")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"--out {out} already holds files; pass --overwrite to replace "
+                              "eval.json/eval.md/eval.png there, or choose another folder")
+    for key in ("limit", "max_new_tokens", "batch_size"):
+        value = getattr(args, key)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{key.replace('_', '-')} {value}: must be a positive number")
     res = run_eval(args.model, args.adapter, args.split, systems, args.limit, args.preset,
                    args.max_new_tokens, args.batch_size, args.seed)
-    write_eval(res, args.out)
+    _write_eval_atomically(write_eval, res, out)
     print(eval_markdown(res, examples=1))
     print(f"written: {args.out}/eval.json, eval.md, eval.png")
 
@@ -167,6 +209,8 @@ def main(argv=None) -> int:
     t.add_argument("--config", required=True, help="shipped name (demo, colab_t4, kaggle_2xt4_balanced, "
                    "kaggle_2xt4_ddp, rinna_neox_3.6b_dolly, gemma2_27b_qlora) or a path")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in output_dir (checkpoints, adapter, report)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     t.set_defaults(func=_train)
     c = sub.add_parser("chat", help="talk to a model (interactive, or one reply with --prompt)")
@@ -197,6 +241,7 @@ def main(argv=None) -> int:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", default="runs/eval")
+    e.add_argument("--overwrite", action="store_true", help="replace the files in a non-empty --out")
     e.set_defaults(func=_eval)
     d = sub.add_parser("demo", help="a short tour of the package on the offline default model")
     d.add_argument("--steps", type=int, default=40, help="training steps, one dialogue each")
@@ -205,10 +250,48 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, ImportError, OSError, KeyboardInterrupt) as e:  # one line, no traceback
-        print(f"socratic-lora {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"socratic-lora {args.command}: interrupted (checkpoints on disk are complete; "
+              "continue with --resume)", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001  one line, no traceback, never the token
+        if os.environ.get("SOCRATIC_LORA_DEBUG"):
+            raise
+        _close_progress_bars()
+        print(f"socratic-lora {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _close_progress_bars() -> None:
+    """End a progress bar an error interrupted, so the error starts on its own line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001  a bar that cannot close must not hide the error
+            pass
+
+
+# Errors we raise on purpose say what to do; anything else gets its type and a debug hint.
+_EXPECTED = (ValueError, OSError, ImportError, KeyError, RuntimeError)
+
+
+def error_line(e: BaseException, limit: int = 600) -> str:
+    """`e` as one line: newlines folded, long library messages cut, the HF token masked."""
+    from .models import scrub
+
+    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
+        text = e.args[0]
+    else:
+        text = str(e)
+    text = scrub(" ".join(text.split())) or type(e).__name__
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    if not isinstance(e, _EXPECTED) or type(e).__module__.startswith(("torch", "transformers",
+                                                                       "peft", "safetensors")):
+        text = f"{text} ({type(e).__name__}; set SOCRATIC_LORA_DEBUG=1 to see the traceback)"
+    return text
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def check_dialogue(d, where: str, adversarial: bool = False) -> None:
 
     if not isinstance(d, dict):
         fail("(line)", f"expected a JSON object, got {type(d).__name__}",
-             "write one dialogue object per line (JSON Lines), not an array")
+             'write one dialogue object per line (JSON Lines): {"id": ..., "messages": [...]}')
     for key in ("id", "topic", "subject"):
         if not isinstance(d.get(key), str) or not d[key].strip():
             fail(key, "missing or empty", f'add "{key}": "..." (a non-empty string)')
@@ -115,7 +115,7 @@ def load_dialogues(path, adversarial: bool = False) -> list[dict]:
         seen[d["id"]] = n
         dialogues.append(d)
     if not dialogues:
-        raise DataError(f"{path}: no dialogues in the file")
+        raise DataError(f"{path}: no dialogues in the file; write one dialogue object per line")
     return dialogues
 
 

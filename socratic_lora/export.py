@@ -8,8 +8,6 @@ the tokenizer and the chat template; an optional push to the hub uses HF_TOKEN, 
 """
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -19,18 +17,25 @@ def merge_adapter(adapter, out, model="default", dtype=torch.bfloat16, overwrite
     """Write base + adapter, merged, to `out` (a folder loadable with from_pretrained)."""
     from peft import PeftModel
 
-    from .models import default_model_path, load_model
+    from .generate import adapter_base, check_adapter
+    from .models import default_model_path, get_hf_token, load_config, load_model
     from .train import save_atomically
 
     adapter, out = Path(adapter), Path(out)
-    if not (adapter / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{adapter}: no adapter_config.json; give the adapter folder "
-                                "that training wrote (runs/NAME/adapter)")
+    check_adapter(adapter)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder name")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; pass --overwrite or choose another folder")
+    if overwrite and out.exists() and (out.resolve() in (Path.cwd(), Path.home(), *Path.cwd().parents)
+                                       or (out / ".git").exists()):
+        raise FileExistsError(f"--out {out}: refusing to replace this folder (it holds your "
+                              "working directory, home or a git repository); give a new folder")
     if model == "default" and (adapter / "socratic_lora.json").exists():
-        model = json.loads((adapter / "socratic_lora.json").read_text())["base"]
+        model = adapter_base(adapter) or model
     model_id = str(default_model_path()) if model == "default" else model
+    token = None if Path(model_id).is_dir() else get_hf_token()
+    check_adapter(adapter, load_config(model_id, token=token), model_id)
     base, tok = load_model(model_id, mode="cpu", dtype=dtype)   # 16-bit, on the CPU
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     merged.config.use_cache = True
@@ -38,10 +43,8 @@ def merge_adapter(adapter, out, model="default", dtype=torch.bfloat16, overwrite
     def save(tmp):
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_atomically(save, out)
+    save_atomically(save, out)      # the old folder (--overwrite) goes only once the new is whole
     return out
 
 

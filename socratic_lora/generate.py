@@ -33,17 +33,91 @@ def stop_ids(tok) -> list[int]:
     return ids
 
 
+def adapter_base(adapter) -> str | None:
+    """The base an adapter was trained on, as training recorded it (socratic_lora.json), else
+    peft's adapter_config.json; None when neither says."""
+    adapter = Path(adapter)
+    for name, key in (("socratic_lora.json", "base"),
+                      ("adapter_config.json", "base_model_name_or_path")):
+        f = adapter / name
+        if f.is_file():
+            try:
+                base = json.loads(f.read_text("utf-8")).get(key)
+            except (ValueError, AttributeError):
+                raise ValueError(f"{f}: not a valid JSON object; re-save the adapter") from None
+            if base:
+                return str(base)
+    return None
+
+
+def check_adapter(adapter, base_config=None, base_id="the base") -> None:
+    """Refuse an adapter folder that is missing, pickle-only, or made for another base.
+
+    Only adapter_model.safetensors is loaded (a pickled adapter_model.bin can run code when
+    loaded). With `base_config`, every LoRA matrix's shape is compared with the layer it
+    attaches to, on an empty (meta) model: a mismatch is reported before any weight loads."""
+    adapter = Path(adapter)
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"adapter {adapter}: no such folder; give the folder training "
+                                "wrote (runs/NAME/adapter)")
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"adapter {adapter}: no adapter_config.json; give the adapter "
+                                "folder that training wrote (runs/NAME/adapter)")
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickle = " (only adapter_model.bin, a pickle file)" if (adapter / "adapter_model.bin").exists() else ""
+        raise FileNotFoundError(f"adapter {adapter}: no adapter_model.safetensors{pickle}; this "
+                                "package loads safetensors only, because a .bin file can run code "
+                                "when it is loaded: re-save it with save_pretrained(folder) from a "
+                                "source you trust")
+    if base_config is None:
+        return
+    from safetensors import safe_open
+
+    from .placement import empty_model
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+        raise ValueError(f"{weights}: not a readable safetensors file ({e}); re-save the "
+                         "adapter") from None
+    modules = dict(empty_model(base_config).named_modules())
+    made_for = adapter_base(adapter)
+    hint = (f"; it was trained on {made_for}: load it with that base (--model {made_for})"
+            if made_for else "; load it with the base it was trained on")
+    for key, shape in sorted(shapes.items()):
+        for part, dim in ((".lora_A.weight", 1), (".lora_B.weight", 0)):
+            if not key.endswith(part):
+                continue
+            name = key[:-len(part)].removeprefix("base_model.model.")
+            layer = modules.get(name)
+            if layer is None:
+                raise ValueError(f"adapter {adapter} does not fit {base_id}: the base has no "
+                                 f"layer '{name}'{hint}")
+            want = getattr(layer, "in_features" if dim == 1 else "out_features", None)
+            if want is not None and shape[dim] != want:
+                side = "inputs" if dim == 1 else "outputs"
+                raise ValueError(f"adapter {adapter} does not fit {base_id}: layer '{name}' has "
+                                 f"{want} {side} in the base, {shape[dim]} in the adapter{hint}")
+
+
 def load_chat_model(model="default", adapter=None, **load_kwargs):
     """A base model, a base plus a LoRA adapter, or a merged folder, ready to generate.
 
     With an adapter and model="default", the base is taken from the adapter's record."""
-    from .models import default_model_path, load_model
+    from .models import default_model_path, get_hf_token, load_config, load_model
 
-    if adapter is not None and model == "default":
-        record = Path(adapter) / "socratic_lora.json"
-        if record.exists():
-            model = json.loads(record.read_text())["base"]
+    if adapter is not None:
+        check_adapter(adapter)
+        if model == "default":
+            record = Path(adapter) / "socratic_lora.json"
+            if record.exists():
+                model = adapter_base(adapter) or model
     model_id = str(default_model_path()) if model == "default" else model
+    if adapter is not None:
+        token = None if Path(model_id).is_dir() else get_hf_token()
+        check_adapter(adapter, load_config(model_id, token=token), model_id)
     m, tok = load_model(model_id, **load_kwargs)
     if adapter is not None:
         from peft import PeftModel

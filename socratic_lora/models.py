@@ -113,6 +113,74 @@ def _is_local(model_id) -> bool:
     return Path(model_id).is_dir()
 
 
+def _first_line(e: BaseException) -> str:
+    return next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
+
+
+def scrub(text: str, token: str | None = None) -> str:
+    """`text` with the Hugging Face token (given, or the one get_hf_token finds) masked."""
+    for secret in {token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")}:
+        if secret and len(secret) >= 8:
+            text = text.replace(secret, "hf_***")
+    return text
+
+
+def check_causal_lm(config, model_id) -> None:
+    """Refuse a model that AutoModelForCausalLM cannot build (an encoder, a vision model...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    kind = getattr(config, "model_type", None)
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"model {model_id}: a '{kind}' model is not a causal language model "
+                         "(it cannot write text token by token); give a decoder model such as "
+                         "google/gemma-2-2b-jpn-it or a folder of one")
+
+
+def load_config(model_id, token=None, trust_remote_code: bool = False):
+    """The model's config, with one clear error for a missing folder, a folder without
+    config.json, an unknown id offline, or a model that is not a causal LM."""
+    from transformers import AutoConfig
+
+    p = Path(str(model_id)).expanduser()
+    local_looking = p.is_absolute() or str(model_id).startswith((".", "~")) or p.exists()
+    if local_looking and not p.is_dir():
+        raise FileNotFoundError(f"model {model_id}: no such folder; give a folder with "
+                                "config.json and *.safetensors, or a hub id such as "
+                                "google/gemma-2-2b-jpn-it")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model {model_id}: the folder has no config.json; give the "
+                                "folder save_pretrained wrote (config.json + *.safetensors)")
+    try:
+        config = AutoConfig.from_pretrained(str(p) if p.is_dir() else model_id, token=token,
+                                            trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise OSError(scrub(f"model {model_id}: cannot read its config ({_first_line(e)}); "
+                            "offline, give a local folder; online, check the id and, for a gated "
+                            "model such as Gemma, accept its licence on the hub and set HF_TOKEN",
+                            token)) from None
+    except ValueError as e:   # unknown model_type, or code the caller did not allow to run
+        if "custom code" in str(e) or "trust_remote_code" in str(e):
+            raise ValueError(f"model {model_id}: it needs its own Python code to load (auto_map), "
+                             "which is not run by default; use a model transformers supports, or "
+                             "read that code and pass trust_remote_code=True to load_model") from None
+        raise ValueError(scrub(f"model {model_id}: {_first_line(e)}", token)) from None
+    check_causal_lm(config, model_id)
+    return config
+
+
+def check_gpus_exist(plan, model_id) -> None:
+    """Every GPU the plan uses must be visible (a budget for GPU 3 on a 2-GPU machine fails)."""
+    used = sorted({d for d in plan.placed.values() if isinstance(d, int)})
+    seen = torch.cuda.device_count()
+    missing = [d for d in used if d >= seen]
+    if missing:
+        vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+        vis = f", CUDA_VISIBLE_DEVICES={vis!r}" if vis is not None else ""
+        raise ValueError(f"model {model_id}: gpu_budgets puts layers on GPU "
+                         f"{', '.join(map(str, missing))}, but {seen} GPU(s) are visible{vis}; "
+                         "give one budget per visible GPU (GPU 0, 1, ...) or use placement: cpu")
+
+
 def load_tokenizer(model_id, token=None):
     from transformers import AutoTokenizer
 
@@ -136,12 +204,12 @@ def load_model(model_id, quant: QuantSettings | None = None, mode: str | None = 
     Gemma 2 gets eager attention: current transformers refuses sdpa for its softcapping.
     Returns (model, tokenizer); the plan is at `model.placement_plan`.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     quant = quant or QuantSettings(bits=16)
     if token is None and not _is_local(model_id):
         token = get_hf_token()
-    config = AutoConfig.from_pretrained(model_id, token=token, trust_remote_code=trust_remote_code)
+    config = load_config(model_id, token=token, trust_remote_code=trust_remote_code)
     if mode is None:
         mode = "single" if torch.cuda.is_available() else "cpu"
     if dtype is None:
@@ -150,14 +218,25 @@ def load_model(model_id, quant: QuantSettings | None = None, mode: str | None = 
     bits = 32 if quant.bits == 16 and dtype == torch.float32 else quant.bits
     plan = plan_placement(config, mode, gpu_budgets, cpu_budget, bits=bits,
                           double_quant=quant.double_quant, allow_offload=allow_offload)
+    check_gpus_exist(plan, model_id)
     offload = "cpu" in plan.placed.values() and mode != "cpu"
     if attn_implementation is None and config.model_type == "gemma2":
         attn_implementation = "eager"
-    model = AutoModelForCausalLM.from_pretrained(
-        model_id, config=config, dtype=dtype, device_map=plan.device_map,
-        quantization_config=bnb_config(quant, cpu_offload=offload),
-        attn_implementation=attn_implementation, token=token,
-        trust_remote_code=trust_remote_code, use_safetensors=True)
+    try:   # safetensors only: a pickled .bin can run code when it is loaded
+        model = AutoModelForCausalLM.from_pretrained(
+            model_id, config=config, dtype=dtype, device_map=plan.device_map,
+            quantization_config=bnb_config(quant, cpu_offload=offload),
+            attn_implementation=attn_implementation, token=token,
+            trust_remote_code=trust_remote_code, use_safetensors=True)
+    except OSError as e:
+        if _is_local(model_id) and not list(Path(model_id).glob("*.safetensors")):
+            raise OSError(f"model {model_id}: no *.safetensors weights in the folder"
+                          f"{' (only pickle .bin files)' if list(Path(model_id).glob('*.bin')) else ''}"
+                          "; this package loads safetensors only (a .bin file can run code when "
+                          "it is loaded): re-save the model with save_pretrained(folder) from a "
+                          "source you trust") from None
+        raise OSError(scrub(f"model {model_id}: weights cannot be loaded ({_first_line(e)})",
+                            token)) from None
     verify_placement(model, plan)
     model.placement_plan = plan
     model.config.use_cache = False  # training default; generation turns it back on

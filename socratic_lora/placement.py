@@ -35,6 +35,8 @@ def parse_memory(value, where: str = "memory budget") -> int:
             raise ValueError(f"{where}: {value} bytes must be positive")
         return value
     m = re.fullmatch(r"(\d+(?:\.\d+)?)(B|KiB|MiB|GiB|TiB)", value.strip())
+    if not m and value.strip().startswith("-"):
+        raise ValueError(f"{where}: {value!r} must be positive; write e.g. '4GiB'")
     if not m:
         hint = ""
         g = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*([kKmMgGtT])i?[bB]\s*", value)

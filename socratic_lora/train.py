@@ -123,14 +123,56 @@ def load_settings(name_or_path, **overrides) -> TrainSettings:
             raise ValueError(f"{path}: unknown key '{key}'{hint}; see TrainSettings for the keys")
         raw[key] = _check_type(key, value, getattr(defaults, key), str(path))
     s = TrainSettings(**raw)
-    if s.lora_r <= 0:
-        raise ValueError(f"{path}: key 'lora_r': {s.lora_r} must be a positive rank (e.g. 16)")
-    if s.placement not in ("auto", "cpu", "single", "balanced", "data_parallel"):
-        raise ValueError(f"{path}: key 'placement': {s.placement!r}: use auto, cpu, single, "
-                         "balanced or data_parallel")
-    if s.prompt_format not in ("gemma", "instruction"):
-        raise ValueError(f"{path}: key 'prompt_format': use gemma or instruction")
+    check_values(s, str(path))
     return s
+
+
+def check_values(s: TrainSettings, where: str) -> None:
+    """Refuse values a run would only trip over later (after minutes of model loading):
+    ranges, choices and memory sizes, each error naming the key and a valid example."""
+    from .placement import parse_memory
+
+    def bad(key, problem):
+        raise ValueError(f"{where}: key '{key}': {problem}")
+
+    if s.lora_r <= 0:
+        bad("lora_r", f"{s.lora_r} must be a positive rank (e.g. 16)")
+    if s.placement not in ("auto", "cpu", "single", "balanced", "data_parallel"):
+        bad("placement", f"{s.placement!r}: use auto, cpu, single, balanced or data_parallel")
+    if s.prompt_format not in ("gemma", "instruction"):
+        bad("prompt_format", f"{s.prompt_format!r}: use gemma or instruction")
+    if s.bits not in (4, 8, 16):
+        bad("bits", f"{s.bits}: use 4 (QLoRA), 8 or 16")
+    if s.compute_dtype not in ("auto", "bfloat16", "float16", "float32"):
+        bad("compute_dtype", f"{s.compute_dtype!r}: use auto, bfloat16, float16 or float32")
+    if s.length_policy not in ("truncate", "drop"):
+        bad("length_policy", f"{s.length_policy!r}: use truncate or drop")
+    for key in ("lora_alpha", "batch_size", "grad_accum", "max_length", "logging_steps",
+                "save_steps"):
+        if getattr(s, key) <= 0:
+            bad(key, f"{getattr(s, key)} must be a positive whole number")
+    if not s.learning_rate > 0:
+        bad("learning_rate", f"{s.learning_rate} must be positive (LoRA: 1e-4 .. 1e-3)")
+    if not 0 <= s.lora_dropout < 1:
+        bad("lora_dropout", f"{s.lora_dropout} must be at least 0 and below 1 (e.g. 0.1)")
+    if s.max_steps == 0 or s.max_steps < -1:
+        bad("max_steps", f"{s.max_steps}: give a positive number of steps, or -1 to use epochs")
+    if s.max_steps == -1 and not s.epochs > 0:
+        bad("epochs", f"{s.epochs} must be positive (or set max_steps)")
+    if s.warmup < 0:
+        bad("warmup", f"{s.warmup} must be 0 or more")
+    if not isinstance(s.output_dir, str) or not s.output_dir.strip():
+        bad("output_dir", "must be a folder name, e.g. runs/demo")
+    budgets = s.gpu_budgets
+    if budgets is not None and budgets != "free":
+        items = (budgets.items() if isinstance(budgets, dict)
+                 else enumerate(budgets) if isinstance(budgets, list) else None)
+        if items is None:
+            bad("gpu_budgets", f"{budgets!r}: write a list like ['4GiB', '4GiB'] (GPU 0, 1)")
+        for gpu, size in items:
+            if isinstance(gpu, bool) or not isinstance(gpu, int) or gpu < 0:
+                bad("gpu_budgets", f"{gpu!r} is not a GPU index (0, 1, ...)")
+            parse_memory(size, f"{where}: key 'gpu_budgets[{gpu}]'")
 
 
 def _placement(s: TrainSettings) -> str:
@@ -156,12 +198,32 @@ def load_for_training(s: TrainSettings):
     return model, tok
 
 
-def prepare_data(s: TrainSettings, tok, source):
-    """Read, filter and tokenise one data source; returns (examples, lines for the report)."""
+def read_data(source, prompt_format: str = "gemma") -> list[dict]:
+    """`prepare.read_source`, but a .jsonl whose first line is not a JSON object (an array,
+    a BOM, broken bytes) is reported by our validator with file:line, not by `datasets`."""
+    from .data import DataError, load_dialogues
+    from .prepare import read_source
+
+    p = Path(str(source))
+    if p.suffix == ".jsonl" and p.is_file():
+        with p.open("rb") as f:
+            first = f.readline().strip()
+        if not first.startswith(b"{"):
+            return load_dialogues(p)          # raises, naming the line and the fix
+    dialogues = read_source(source, prompt_format=prompt_format)
+    if not dialogues:
+        raise DataError(f"{source}: no examples in it; check the file")
+    return dialogues
+
+
+def prepare_data(s: TrainSettings, tok, source, dialogues=None):
+    """Read, filter and tokenise one data source; returns (examples, lines for the report).
+    `dialogues`: the source already read (train() validates the files before loading a model)."""
     from .prepare import (filter_banned, filter_japanese, filter_rare_chars, read_source,
                           tokenize_examples)
 
-    dialogues = read_source(source, prompt_format=s.prompt_format)
+    if dialogues is None:
+        dialogues = read_source(source, prompt_format=s.prompt_format)
     steps = [f"{source}: {len(dialogues)} examples read"]
     if s.min_japanese is not None:
         dialogues, r = filter_japanese(dialogues, s.min_japanese)
@@ -226,37 +288,153 @@ def save_atomically(save, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def train(s: TrainSettings, resume: bool = False, callbacks=None) -> dict:
+# --- reliability: atomic checkpoints, resume from complete ones only, stop on inf/NaN ---------
+CHECKPOINT_MARKER = "socratic_lora_complete.json"   # written last, inside the staging folder
+STAGING = ".checkpoint-in-progress"                  # checkpoints are written here, then renamed
+OUR_FILES = ("adapter", "report.json", "report.md", "loss.png", STAGING)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became inf or NaN; training stopped before the optimizer used it."""
+
+
+def complete_checkpoints(out) -> list[Path]:
+    """checkpoint-N folders in `out` that carry the completion marker, oldest first.
+    A folder without it (a save that was cut off, or not written by us) is never resumed."""
+    out = Path(out)
+    found = []
+    for p in out.glob("checkpoint-*") if out.is_dir() else []:
+        step = p.name.split("-", 1)[1]
+        if step.isdigit() and p.is_dir() and (p / CHECKPOINT_MARKER).is_file():
+            found.append((int(step), p))
+    return [p for _, p in sorted(found)]
+
+
+def check_output_dir(out: Path, resume: bool, overwrite: bool) -> str | None:
+    """Decide what a run may do with `out`; returns the checkpoint to resume from (or None).
+
+    Without --resume or --overwrite a folder that already holds files is refused. --overwrite
+    removes only what a run writes (checkpoints, adapter, report); other files stay."""
+    shutil.rmtree(out / STAGING, ignore_errors=True)   # a save cut off by a kill
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if resume:
+        done = complete_checkpoints(out)
+        if not done:
+            partial = [e for e in entries if e.startswith("checkpoint-")]
+            extra = (f" ({', '.join(partial)} incomplete: a save was cut off)" if partial else "")
+            raise FileNotFoundError(f"--resume: no checkpoint to resume from (no complete "
+                                    f"checkpoint-* folder in {out}{extra}); start without --resume")
+        return str(done[-1])
+    if entries and not overwrite:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        what = ("checkpoints" if any(e.startswith("checkpoint-") for e in entries)
+                else "files")
+        raise FileExistsError(f"{out} already holds {what} ({shown}): pass --resume to continue, "
+                              "--overwrite to replace the run, or choose another output_dir")
+    for name in entries:
+        if name.startswith("checkpoint-") or name in OUR_FILES:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return None
+
+
+def diverged_message(step: int, value: float, s: TrainSettings, out: Path) -> str:
+    done = complete_checkpoints(out)
+    kept = (f"the last good checkpoint {done[-1]} is intact (resume with --resume after the fix)"
+            if done else "no checkpoint was written before it")
+    return (f"step {step}: the training loss is {value} (not a finite number); stopped before "
+            f"the optimizer used it, {kept}. Likely causes: float16 overflow (a T4 computes in "
+            f"float16): lower learning_rate (now {s.learning_rate:g}, try "
+            f"{s.learning_rate / 4:g}), or use compute_dtype bfloat16 on an A100/H100 "
+            "(float32 on the CPU); or bad data: check the examples of this step "
+            "(損失が inf/NaN になりました。学習率を下げるか bf16 を使い、データを確かめてください)")
+
+
+def reliable_trainer_class(base=None):
+    """A Trainer subclass that (1) writes each checkpoint-N into a staging folder, marks it
+    complete and renames it into place, so a kill during a save never leaves a half
+    checkpoint where --resume would look, and (2) stops at the first inf/NaN loss."""
+    import torch
+    from transformers import Trainer
+    from transformers.trainer_utils import rotate_checkpoints
+
+    base = base or Trainer
+
+    class ReliableTrainer(base):
+        settings: TrainSettings | None = None
+
+        def _save_checkpoint(self, model, trial):
+            run_dir = base._get_output_dir(self, trial=trial)
+            staging = os.path.join(run_dir, STAGING)
+            name = f"checkpoint-{self.state.global_step}"
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+            self._get_output_dir = lambda trial=None: staging   # super() saves into staging
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                del self._get_output_dir
+            self.accelerator.wait_for_everyone()          # every rank wrote its RNG state
+            if self.args.should_save:
+                src, dst = os.path.join(staging, name), os.path.join(run_dir, name)
+                with open(os.path.join(src, CHECKPOINT_MARKER), "w") as f:
+                    json.dump({"step": self.state.global_step, "complete": True}, f)
+                if os.path.exists(dst):                     # the same step saved again
+                    shutil.rmtree(dst)
+                os.replace(src, dst)
+                shutil.rmtree(staging, ignore_errors=True)
+                rotate_checkpoints(run_dir, self.args.save_total_limit,
+                                   self.state.best_model_checkpoint, use_mtime=False)
+            self.accelerator.wait_for_everyone()
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            every = self.accelerator.gather(loss.detach().float().reshape(1))   # all ranks stop
+            if not torch.isfinite(every).all():
+                bad = every[~torch.isfinite(every)][0].item()
+                raise TrainingDiverged(diverged_message(
+                    self.state.global_step + 1, bad, self.settings or TrainSettings(),
+                    Path(self.args.output_dir)))
+            return loss
+
+    return ReliableTrainer
+
+
+def train(s: TrainSettings, resume: bool = False, callbacks=None, overwrite: bool = False) -> dict:
     """Run one training; returns the report dict (also written to output_dir).
-    `callbacks`: extra transformers TrainerCallbacks (logging, early stopping, ...)."""
+    `callbacks`: extra transformers TrainerCallbacks (logging, early stopping, ...).
+    `resume`: continue from the newest complete checkpoint; `overwrite`: replace an earlier
+    run in output_dir (without either, a folder that holds files is refused)."""
     import datasets
     import torch
-    from transformers import Trainer, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers import set_seed
 
     from .prepare import Collator
     from .report import hardware, peak_memory_gib, versions, write_report
 
     set_seed(s.seed)
     out = Path(s.output_dir)
-    last = get_last_checkpoint(str(out)) if resume and out.is_dir() else None
-    if resume and last is None:
-        raise FileNotFoundError(f"--resume: no checkpoint-* folder in {out}; start without --resume")
-    if not resume and out.is_dir() and any(out.glob("checkpoint-*")):
-        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or "
-                              "choose another output_dir")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir {out} is a file; choose a folder name")
+    # Bad data fails here, in seconds, not after the model has loaded; nothing is written yet.
+    read = {src: read_data(src, s.prompt_format)
+            for src in (s.train_data, s.eval_data) if src}
+    last = check_output_dir(out, resume, overwrite)
     model, tok = load_for_training(s)
-    train_ex, steps = prepare_data(s, tok, s.train_data)
+    train_ex, steps = prepare_data(s, tok, s.train_data, read[s.train_data])
     eval_ex = None
     if s.eval_data:
-        eval_ex, eval_steps = prepare_data(s, tok, s.eval_data)
+        eval_ex, eval_steps = prepare_data(s, tok, s.eval_data, read[s.eval_data])
         steps += eval_steps
+    out.mkdir(parents=True, exist_ok=True)
     collator = Collator(tok.pad_token_id)
     args = training_arguments(s, model, eval_ex is not None)
-    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train_ex),
-                      eval_dataset=datasets.Dataset.from_list(eval_ex) if eval_ex else None,
-                      data_collator=collator, processing_class=tok, callbacks=callbacks)
+    trainer = reliable_trainer_class()(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(train_ex),
+        eval_dataset=datasets.Dataset.from_list(eval_ex) if eval_ex else None,
+        data_collator=collator, processing_class=tok, callbacks=callbacks)
+    trainer.settings = s
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
