@@ -1,0 +1,129 @@
+"""A fake Hugging Face token planted in HF_TOKEN is never printed, logged or written.
+
+Every CLI command that reads the token runs with it (train on a tiny local model, chat, eval,
+merge with --push-to-hub, plan, and the hub-id paths that pass it to transformers); then
+stdout/stderr (file-descriptor level, so library log handlers are included), every file the
+commands wrote (adapter, checkpoints, trainer_state, training_args.bin, reports, eval, merged
+model) and every cache file touched meanwhile are scanned for it: zero hits.
+"""
+import dataclasses
+import json
+import os
+import random
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from socratic_lora.cli import main
+from socratic_lora.train import TrainSettings, load_settings
+
+TOKEN = "hf_" + "".join(random.Random(os.getpid()).choices(string.ascii_letters, k=34))
+
+
+def hits(root: Path, since: float | None = None) -> list[str]:
+    """Files under `root` (changed since `since`, if given) that contain the token."""
+    found = []
+    for p in root.rglob("*") if root.exists() else []:
+        try:
+            if p.is_file() and (since is None or p.stat().st_mtime >= since) \
+                    and TOKEN.encode() in p.read_bytes():
+                found.append(str(p))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.fixture
+def planted(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("SOCRATIC_LORA_CACHE", str(tmp_path / "cache"))
+    return time.time() - 1
+
+
+def test_no_command_prints_or_writes_the_token(planted, capfd, caplog, tmp_path, tiny_chat_dir):
+    caplog.set_level("DEBUG")
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(
+        {"id": f"s-{i}", "topic": "t", "subject": "science",
+         "messages": [{"role": "user", "content": f"質問{i}"},
+                      {"role": "assistant", "content": f"どう思いますか{i}？"}]}, ensure_ascii=False)
+        for i in range(4)) + "\n", "utf-8")
+    cfg = tmp_path / "c.yaml"
+    run = tmp_path / "run"
+    cfg.write_text(yaml.safe_dump(dict(
+        model=tiny_chat_dir, placement="cpu", train_data=str(data), eval_data=str(data),
+        lora_r=2, lora_alpha=4, gradient_checkpointing=False, batch_size=2, max_steps=2,
+        save_steps=1, logging_steps=1, max_length=48, output_dir=str(run))))
+    adapter = str(run / "adapter")
+    status = {
+        "train": main(["train", "--config", str(cfg)]),
+        "chat": main(["chat", "--model", tiny_chat_dir, "--adapter", adapter, "--preset", "greedy",
+                      "--prompt", "なぜ空は青いの？"]),
+        "eval": main(["eval", "--model", tiny_chat_dir, "--adapter", adapter, "--limit", "1",
+                      "--max-new-tokens", "3", "--systems", "base,tuned", "--out",
+                      str(tmp_path / "eval")]),
+        # merges, then the upload fails offline: the token was read and handed to the hub client
+        "merge": main(["merge", "--adapter", adapter, "--out", str(tmp_path / "merged"),
+                       "--push-to-hub", "someone/tutor"]),
+        "plan": main(["plan", "--model", "google/gemma-2-2b-jpn-it", "--mode", "cpu"]),
+        # hub ids that are not shipped: the token goes to transformers, which fails offline
+        "plan_hub": main(["plan", "--model", "someone/private-model", "--mode", "cpu"]),
+        "chat_hub": main(["chat", "--model", "someone/private-model", "--prompt", "hi"]),
+    }
+    out, err = capfd.readouterr()
+    assert status == {"train": 0, "chat": 0, "eval": 0, "merge": 2, "plan": 0, "plan_hub": 2,
+                      "chat_hub": 2}, (status, err[-3000:])
+    # the paths really ran: files written, failures reported on one line each
+    assert (run / "checkpoint-2" / "training_args.bin").exists()
+    assert (run / "checkpoint-2" / "trainer_state.json").exists() and (run / "report.json").exists()
+    assert (tmp_path / "eval" / "eval.json").exists() and (tmp_path / "merged" / "config.json").exists()
+    assert "socratic-lora merge: error:" in err and "socratic-lora plan: error:" in err
+    assert "tutor> " in out
+    assert TOKEN not in out and TOKEN not in err and TOKEN not in caplog.text
+    assert hits(tmp_path) == []
+    from huggingface_hub import constants
+    assert hits(Path(constants.HF_HOME), since=planted) == []
+
+
+def test_token_in_a_library_error_is_masked(planted, capsys, monkeypatch):
+    """If a library ever put the token in its message, the CLI line shows hf_*** instead."""
+    import transformers
+
+    def leaky(*a, **k):
+        raise OSError(f"401 Client Error for url https://huggingface.co/x (token {TOKEN})")
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", leaky)
+    assert main(["chat", "--model", "someone/gated-model", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert TOKEN not in err and "hf_***" in err and "someone/gated-model" in err
+
+    from socratic_lora.models import load_model
+    with pytest.raises(OSError) as e:
+        load_model("someone/gated-model", token=TOKEN)
+    assert TOKEN not in str(e.value) and TOKEN not in repr(e.value)
+    assert e.value.__cause__ is None and e.value.__suppress_context__   # no chained original
+
+
+def test_settings_have_no_token_field_and_reject_one(planted, tmp_path):
+    assert not [f.name for f in dataclasses.fields(TrainSettings) if "token" in f.name.lower()]
+    assert TOKEN not in repr(load_settings("demo"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"hf_token: {TOKEN}\n")
+    with pytest.raises(ValueError) as e:
+        load_settings(str(cfg))
+    assert "unknown key 'hf_token'" in str(e.value) and TOKEN not in str(e.value)
+
+
+def test_real_process_output_has_no_token(planted, tmp_path):
+    env = {**os.environ, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "socratic_lora.cli", "plan", "--model",
+                           "someone/private-model"], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2 and "someone/private-model" in proc.stderr
+    assert TOKEN not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    assert hits(tmp_path) == []
