@@ -356,7 +356,10 @@ def reliable_trainer_class(base=None):
     checkpoint where --resume would look, and (2) stops at the first inf/NaN loss."""
     import torch
     from transformers import Trainer
-    from transformers.trainer_utils import rotate_checkpoints
+    try:
+        from transformers.trainer_utils import rotate_checkpoints
+    except ImportError:
+        rotate_checkpoints = None
 
     base = base or Trainer
 
@@ -384,8 +387,11 @@ def reliable_trainer_class(base=None):
                     shutil.rmtree(dst)
                 os.replace(src, dst)
                 shutil.rmtree(staging, ignore_errors=True)
-                rotate_checkpoints(run_dir, self.args.save_total_limit,
-                                   self.state.best_model_checkpoint, use_mtime=False)
+                if rotate_checkpoints is not None:
+                    rotate_checkpoints(run_dir, self.args.save_total_limit,
+                                       self.state.best_model_checkpoint, use_mtime=False)
+                else:                                       # older transformers 5.x
+                    self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
             self.accelerator.wait_for_everyone()
 
         def training_step(self, model, inputs, num_items_in_batch=None):
