@@ -40,6 +40,7 @@ class TrainSettings:
     lora_dropout: float = 0.1         # regularisation for small data; 0.0 is faster
     lora_targets: str | list = "attention"  # attention | mlp | all-linear | list of layer names
     gradient_checkpointing: bool = True     # recompute activations: less memory, ~30 % slower
+    mode: str = "reference"           # reference | speed | memory: socratic_lora.fast (docs/performance.md)
     # Data
     train_data: str = "train"         # shipped split name, a .jsonl, or a datasets file/folder
     eval_data: str | None = "eval"    # same; None = no evaluation
@@ -186,6 +187,9 @@ def _placement(s: TrainSettings) -> str:
 
 def load_for_training(s: TrainSettings):
     """Model (with a fresh LoRA adapter) and tokenizer as the settings describe."""
+    if s.mode != "reference":         # the fast path: chunked loss, flex attention, ...
+        from .fast import load_for_training as load_fast
+        return load_fast(s)
     from .models import default_model_path, load_model
 
     model_id = str(default_model_path()) if s.model == "default" else s.model

@@ -1,0 +1,416 @@
+"""Training speed and memory: the copied QLoRA recipe against our fast path, same batches.
+
+    python bench/make_gemma2_2b.py /tmp/g2b          # random-weight gemma-2-2b-jpn-it, once
+    python bench/perf.py /tmp/g2b --modes "reference;speed;memory" --out bench/results/perf.jsonl
+    python bench/perf.py /tmp/g2b --modes "reference;reference:chunked_ce=1;reference:attention=flex"
+    python bench/perf.py /tmp/g2b --modes "reference;speed" --dtype float16
+    python bench/perf.py /tmp/g2b --check-grads speed          # LoRA gradients vs the reference
+    torchrun --nproc_per_node 2 bench/perf.py /tmp/g2b --modes speed --placement data_parallel
+
+Modes:
+  reference      the tutorial recipe: Trainer + peft + bitsandbytes (NF4, double quant),
+                 LoRA r=16 alpha=32 q/k/v/o dropout 0.1, prepare_model_for_kbit_training with
+                 its default gradient checkpointing, eager attention.
+  speed, memory  our path: socratic_lora.fast.load_for_training (the `mode:` training key).
+  MODE:k=v,...   (modes are separated by ';') the same with FastSettings fields changed (chunked_ce, ce_chunk, attention,
+                 lean_kbit, fused_ops, checkpoint, offload, compile) and/or dropout=...;
+                 `reference:attention=flex` is the recipe with one technique switched on.
+
+Each mode: fresh model, `--warmup` untimed steps (compilation), then `--steps` timed steps on
+fixed random token batches (identical for every mode; all tokens labelled unless
+--label-frac). Prints a table and appends one JSON line per mode to --out.
+
+MFU = tokens/s x FLOPs per token / measured bf16 (or fp16) matmul rate, where FLOPs per
+token = 2 x forward + 6 x LoRA parameters, forward = 2 x (linear weights of the decoder +
+output matrix) + 4 x S x heads x head_dim x layers (attention scores and values, full S x S).
+Backward is counted as one more forward (activation gradients only: the base is frozen);
+recomputation by checkpointing is not counted (it is overhead, not model work).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def parse_mode(text):
+    base, _, rest = text.partition(":")
+    if base not in ("reference", "speed", "memory"):
+        raise SystemExit(f"--modes: {text!r}: start with reference, speed or memory")
+    changes = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if value in ("1", "true", "True"):
+            v = True
+        elif value in ("0", "false", "False") and key not in ("checkpoint", "dropout"):
+            v = False
+        else:
+            try:
+                v = int(value)
+            except ValueError:
+                try:
+                    v = float(value)
+                except ValueError:
+                    v = value
+        changes[key] = v
+    return base, changes
+
+
+def batches(n, batch, seq, vocab, label_frac, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n * batch):
+        ids = torch.randint(3, vocab, (seq,), generator=g).tolist()
+        cut = int(seq * (1 - label_frac))
+        out.append({"input_ids": ids, "attention_mask": [1] * seq,
+                    "labels": [-100] * cut + ids[cut:]})
+    return out
+
+
+def flops_per_token(config, seq, n_lora):
+    L, H, I = config.num_hidden_layers, config.hidden_size, config.intermediate_size
+    nh, nkv = config.num_attention_heads, config.num_key_value_heads
+    hd = getattr(config, "head_dim", None) or H // nh
+    linear = L * (H * nh * hd + 2 * H * nkv * hd + nh * hd * H + 3 * H * I)
+    head = config.vocab_size * H
+    forward = 2 * (linear + head) + 4 * seq * nh * hd * L
+    return 2 * forward + 6 * n_lora
+
+
+def matmul_peak(dtype, n=8192, iters=20):
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    del a, b
+    return 2 * n ** 3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def device_name(rank):
+    return torch.cuda.get_device_name(rank) if CUDA else "cpu"
+
+
+def dtype_of(name):
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_reference(a, changes, local_rank):
+    """The recipe as tutorials write it (optionally with FastSettings switches on top)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from socratic_lora.fast import FastSettings, apply_fast_path, lean_kbit_preparation
+
+    dt = dtype_of(a.dtype)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dt) if a.bits == 4 else None
+    device_map = "balanced" if a.placement == "balanced" else {"": local_rank if CUDA else "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(a.model, quantization_config=quant, dtype=dt,
+                                                 device_map=device_map,
+                                                 attn_implementation="eager")
+    changes = dict(changes)
+    dropout = float(changes.pop("dropout", 0.1))
+    fs = FastSettings.preset("reference").replace(**changes)
+    if fs.lean_kbit:
+        model = lean_kbit_preparation(model)
+        if fs.checkpoint == "keep":
+            fs = fs.replace(checkpoint="all")
+    elif a.bits == 4:
+        model = prepare_model_for_kbit_training(model)   # default: gradient checkpointing on
+    else:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout,
+                                             target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    return apply_fast_path(model, fs)
+
+
+def load_ours(a, base, changes):
+    from socratic_lora.fast import FastSettings, load_for_training
+    from socratic_lora.train import TrainSettings
+
+    changes = dict(changes)
+    dropout = float(changes.pop("dropout", 0.0))
+    s = TrainSettings(model=a.model, bits=a.bits, compute_dtype=a.dtype,
+                      placement=a.placement, lora_r=16, lora_alpha=32, lora_dropout=dropout,
+                      lora_targets=LORA_TARGETS, mode=base)
+    fs = FastSettings.preset(base).replace(**changes)
+    model, _ = load_for_training(s, fs)
+    return model, s
+
+
+CUDA = torch.cuda.is_available()
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def mem(fn, rank):
+    return getattr(torch.cuda, fn)(rank) / 2 ** 30 if CUDA else 0.0
+
+
+from transformers import TrainerCallback  # noqa: E402
+
+
+class Timer(TrainerCallback):
+    """Synchronised wall time at the end of every step; optionally profiles one step."""
+
+    def __init__(self, profile_step=None, profile_path=None):
+        self.ends, self.profile_step, self.profile_path, self.prof = [], profile_step, profile_path, None
+
+    def on_step_begin(self, args, state, control, **kw):
+        if self.profile_step is not None and state.global_step == self.profile_step:
+            from torch.profiler import ProfilerActivity, profile
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+
+    def on_step_end(self, args, state, control, **kw):
+        sync()
+        self.ends.append(time.perf_counter())
+        if self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
+            Path(self.profile_path).write_text(table)
+            print(table[:6000])
+            self.prof = None
+
+
+def run_mode(a, text, data, world, local_rank, peak_tflops):
+    from transformers import Trainer, TrainingArguments
+
+    from socratic_lora.prepare import Collator
+
+    base, changes = parse_mode(text)
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+    t_load = time.perf_counter()
+    per_device = a.batch // world
+    common = dict(per_device_train_batch_size=per_device, max_steps=a.warmup + a.steps,
+                  learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0,
+                  logging_steps=1, save_strategy="no", report_to="none",
+                  remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
+                  optim="adamw_torch", bf16=a.dtype == "bfloat16", fp16=a.dtype == "float16",
+                  output_dir=f"/tmp/perf_{os.getpid()}", ddp_find_unused_parameters=False,
+                  use_cpu=not CUDA)
+    if base == "reference":
+        model = load_reference(a, changes, local_rank)
+        args = TrainingArguments(**common)
+    else:
+        from socratic_lora.train import training_arguments
+        model, s = load_ours(a, base, changes)
+        s.batch_size, s.max_steps, s.learning_rate = per_device, a.warmup + a.steps, 2e-4
+        s.lr_scheduler, s.warmup, s.logging_steps, s.save_steps = "constant", 0, 1, 10 ** 9
+        s.output_dir, s.eval_data = common["output_dir"], None
+        args = training_arguments(s, model, has_eval=False)
+        args.disable_tqdm, args.save_strategy = True, "no"
+    if hasattr(args, "train_sampling_strategy"):
+        args.train_sampling_strategy = "sequential"     # identical batches in every mode
+    else:
+        args.group_by_length = False
+    load_s = time.perf_counter() - t_load
+    weights_gib = mem("memory_allocated", local_rank)
+    profile_step = a.warmup + 1 if a.profile and text in a.profile.split(";") else None
+    timer = Timer(profile_step, os.path.join(a.profile_dir, f"profile_{len(a._done)}.txt"))
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=Collator(0),
+                      callbacks=[timer])
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    steps = [b - e for e, b in zip(timer.ends[a.warmup - 1:], timer.ends[a.warmup:])] \
+        if a.warmup >= 1 else [b - e for e, b in zip(timer.ends, timer.ends[1:])]
+    step_s = statistics.median(steps)
+    tokens = a.batch * a.seq
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fpt = flops_per_token(model.config, a.seq, n_lora)
+    row = {
+        "mode": text, "bits": a.bits, "dtype": a.dtype, "batch": a.batch, "seq": a.seq,
+        "world_size": world, "placement": a.placement, "label_frac": a.label_frac,
+        "tokens_per_s": round(tokens / step_s), "step_s": round(step_s, 4),
+        "step_s_min": round(min(steps), 4), "step_s_max": round(max(steps), 4),
+        "timed_steps": len(steps),
+        "peak_gib": round(mem("max_memory_allocated", local_rank), 3),
+        "peak_reserved_gib": round(mem("max_memory_reserved", local_rank), 3),
+        "weights_gib": round(weights_gib, 3),
+        "first_loss": losses[0] if losses else None, "losses": losses[:5],
+        "finite": all(l == l and abs(l) != float("inf") for l in losses),
+        "flops_per_token": fpt, "mfu": round(tokens / step_s * fpt / (peak_tflops * 1e12), 4),
+        "matmul_peak_tflops": round(peak_tflops, 1), "load_s": round(load_s, 1),
+        "warmup_and_train_wall_s": round(wall, 1),
+        "fast": {k: v for k, v in vars(getattr(model, "fast_settings", {})).items()}
+        if hasattr(model, "fast_settings") else None,
+        "fast_report": {k: (v if k != "checkpointed_layers" else len(v))
+                        for k, v in getattr(model, "fast_report", {}).items()},
+    }
+    del trainer, model
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+    return row
+
+
+def check_grads(a, text, data, local_rank):
+    """LoRA gradients of one batch: the recipe's computation vs `text`'s techniques, on the
+    same model and weights (dropout 0; LoRA B set to small random values so A has gradients)."""
+    from socratic_lora.fast import FastSettings, apply_fast_path
+    from socratic_lora.prepare import Collator
+
+    base, changes = parse_mode(text)
+    changes.pop("dropout", None)
+    model = load_reference(a, {"dropout": 0.0}, local_rank)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 1e-3)
+    model.train()
+    batch = {k: v.to(f"cuda:{local_rank}" if CUDA else "cpu")
+             for k, v in Collator(0)(data[:a.batch]).items()}
+    dt = dtype_of(a.dtype)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda" if CUDA else "cpu", dtype=dt):
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters()
+                             if p.requires_grad}
+
+    ref_loss, ref = grads()
+    fs = FastSettings.preset(base if base != "reference" else "reference").replace(**changes)
+    fs = fs.replace(lean_kbit=False)     # same weights and dtypes: only the computation differs
+    apply_fast_path(model, fs)
+    loss, got = grads()
+    rel = sorted(((got[n] - ref[n]).norm() / ref[n].norm()).item() for n in ref)
+    cos = min(torch.nn.functional.cosine_similarity(got[n].flatten(), ref[n].flatten(), 0).item()
+              for n in ref)
+    row = {"check": text, "dtype": a.dtype, "ref_loss": ref_loss, "loss": loss,
+           "loss_diff": abs(loss - ref_loss), "lora_tensors": len(rel),
+           "grad_rel_err_max": max(rel), "grad_rel_err_median": statistics.median(rel),
+           "grad_cos_min": cos}
+    del model
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="folder of the model (bench/make_gemma2_2b.py)")
+    p.add_argument("--modes", default="reference;speed;memory", help="';'-separated")
+    p.add_argument("--batch", type=int, default=8, help="global batch (split over GPUs)")
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--bits", type=int, choices=(4, 16), default=4)
+    p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    p.add_argument("--placement", choices=("single", "balanced", "data_parallel", "cpu"),
+                   default="single", help="cpu: a smoke run of the code, not a measurement")
+    p.add_argument("--steps", type=int, default=6, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    p.add_argument("--label-frac", type=float, default=1.0,
+                   help="share of each sequence that carries labels (the tail)")
+    p.add_argument("--check-grads", default=None,
+                   help="modes (';'-separated) whose LoRA gradients to compare with the recipe")
+    p.add_argument("--profile", default=None, help="modes (';'-separated) to profile one step of")
+    p.add_argument("--profile-dir", default=os.environ.get("OUT", "/tmp"))
+    p.add_argument("--out", default=None, help="append JSON lines here")
+    p.add_argument("--mode-timeout", type=int, default=0, help="give up on a mode after N s")
+    a = p.parse_args(argv)
+    a._done = []
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1:
+        a.placement = "data_parallel"
+    if CUDA:
+        torch.cuda.set_device(local_rank)
+    from transformers import AutoConfig
+    vocab = AutoConfig.from_pretrained(a.model).vocab_size
+    data = batches(a.warmup + a.steps, a.batch, a.seq, vocab, a.label_frac)
+    peak = matmul_peak(dtype_of(a.dtype)) if CUDA else 1.0   # CPU: a smoke run only
+    if local_rank == 0:
+        print(f"{device_name(0)}: measured {a.dtype} matmul peak {peak:.0f} TFLOP/s",
+              flush=True)
+    rows = []
+    for text in filter(None, (a.check_grads or "").split(";")):
+        try:
+            rows.append(check_grads(a, text, data, local_rank))
+        except Exception as e:
+            import traceback
+            traceback.print_exc()
+            rows.append({"check": text, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        print(json.dumps(rows[-1]), flush=True)
+        if a.out and local_rank == 0:
+            with open(a.out, "a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
+    for text in filter(None, (a.modes or "").split(";")):
+        try:
+            if a.mode_timeout:
+                import signal
+
+                def _alarm(*_):
+                    raise TimeoutError(f"mode took longer than --mode-timeout {a.mode_timeout} s")
+                signal.signal(signal.SIGALRM, _alarm)
+                signal.alarm(a.mode_timeout)
+            row = run_mode(a, text, data, world, local_rank, peak)
+        except torch.OutOfMemoryError as e:  # report and go on with the next mode
+            row = {"mode": text, "error": f"out of memory: {str(e)[:200]}"}
+        except Exception as e:
+            import traceback
+            traceback.print_exc()
+            row = {"mode": text, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        if a.mode_timeout:
+            signal.alarm(0)
+        row["device"] = device_name(local_rank)
+        row["versions"] = {"torch": torch.__version__,
+                           "transformers": __import__("transformers").__version__,
+                           "peft": __import__("peft").__version__}
+        a._done.append(row)
+        rows.append(row)
+        if local_rank == 0:
+            print(json.dumps(row), flush=True)
+            if a.out:                 # row by row: a run stopped early keeps what it measured
+                with open(a.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    if local_rank != 0:
+        return rows
+    ref = next((r for r in rows if r.get("mode") == "reference" and "error" not in r), None)
+    print(f"\n{'mode':44} {'tok/s':>8} {'x ref':>6} {'step s':>7} {'peak GiB':>8} {'x ref':>6} "
+          f"{'MFU':>6} {'loss1':>9}")
+    for r in rows:
+        if "mode" not in r:
+            continue
+        if "error" in r:
+            print(f"{r['mode']:44} {r['error'][:80]}")
+            continue
+        sx = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
+        mx = f"{r['peak_gib'] / ref['peak_gib']:.2f}" if ref and ref["peak_gib"] else "-"
+        print(f"{r['mode']:44} {r['tokens_per_s']:8d} {sx:>6} {r['step_s']:7.3f} "
+              f"{r['peak_gib']:8.2f} {mx:>6} {r['mfu']:6.3f} {r['first_loss']:9.4f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,509 @@
+"""A faster, leaner QLoRA training path for Gemma 2 (and other decoder-only models).
+
+    from socratic_lora.fast import FastSettings, apply_fast_path
+    model = apply_fast_path(peft_model, FastSettings.preset("speed"))     # or "memory"
+
+or, from a training config, `mode: speed` / `mode: memory` (TrainSettings; `train.py` then
+loads through `load_for_training` below). `mode: reference` is the plain recipe.
+
+Each technique is one switch of `FastSettings`, so each can be measured on its own
+(bench/perf.py, docs/performance.md):
+
+- `chunked_ce`: the loss without the [tokens x 256k] logits. The last hidden states of the
+  positions that have a label are multiplied with the output matrix a chunk of tokens at a
+  time; Gemma 2's final logit softcap (30 * tanh(x / 30)) and the cross entropy are applied
+  per chunk, and the gradient of the hidden states is computed in the same pass (the loss
+  is linear in the upstream gradient, so it is scaled in backward). Memory: one chunk of
+  logits instead of all of them; time: one matrix product fewer than forward + backward.
+- `attention="flex"`: PyTorch's flex_attention through transformers, which keeps Gemma 2's
+  attention softcap (50) and sliding window; eager attention materialises the scores.
+- `lean_kbit`: skip peft's `prepare_model_for_kbit_training`, which casts the embedding
+  (590 M parameters, also the tied output matrix) and the norms to float32; here everything
+  not quantized stays in the compute dtype and only the adapter trains.
+- `fused_ops`: RMSNorm and GELU(gate) * up as autograd functions that save only their inputs
+  (eager RMSNorm keeps several float32 copies of its input for backward).
+- `checkpoint`: "all", "none", or a number of decoder layers to checkpoint; `offload`
+  moves each checkpointed layer's input to pinned CPU memory until backward.
+- `compile`: torch.compile for the element-wise parts (loss chunk, RMSNorm, GELU * up).
+
+Correctness: tests/test_fast.py (CPU) checks the chunked loss and its gradients against the
+model's own loss; bench/perf.py compares the first-step loss and the LoRA gradients of each
+path with the reference on the GPU, on identical batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+MODES = ("reference", "speed", "memory")
+
+
+@dataclass
+class FastSettings:
+    chunked_ce: bool = True          # loss without the full logits
+    ce_chunk: int = 512              # tokens per loss chunk (memory: chunk x vocab x 12 bytes)
+    attention: str = "flex"          # flex | eager (the recipe's default for Gemma 2)
+    lean_kbit: bool = True           # keep embeddings/norms in the compute dtype (no fp32 copies)
+    fused_ops: bool = True           # RMSNorm and GELU*up that save only their inputs
+    checkpoint: str | int | float = "all"  # all | none | keep | number of layers | share 0..1
+    offload: bool = False            # checkpointed layer inputs wait in pinned CPU memory
+    compile: bool | str = False      # True: compile the element-wise parts; "layers": each
+                                     # decoder layer (regional compilation, no fused_ops)
+
+    @classmethod
+    def preset(cls, mode: str) -> "FastSettings":
+        """speed: each decoder layer compiled, 20 % of the layers checkpointed (5 of Gemma 2
+        2B's 26); memory: each layer compiled, checkpointed and its input offloaded to the
+        CPU, small loss chunks; reference: every technique off (the plain recipe)."""
+        if mode == "speed":
+            return cls(ce_chunk=256, checkpoint=0.2, offload=False, compile="layers")
+        if mode == "memory":
+            return cls(ce_chunk=128, checkpoint="all", offload=True, compile="layers")
+        if mode == "reference":
+            return cls(chunked_ce=False, attention="eager", lean_kbit=False, fused_ops=False,
+                       checkpoint="keep", offload=False, compile=False)
+        raise ValueError(f"mode={mode!r}: use reference, speed or memory")
+
+    def replace(self, **changes) -> "FastSettings":
+        return dataclasses.replace(self, **changes)
+
+
+# --- chunked linear cross-entropy with the final logit softcap ---------------------------
+def _chunk_loss_and_grad(logits, target, cap: float | None):
+    """Summed cross entropy of one chunk of (uncapped) logits and d(sum)/d(logits).
+
+    logits: [c, V] in the matmul dtype; target: [c] int64 (all valid). Works in float32.
+    With the softcap z = cap * tanh(x / cap) every |z| < cap, so exp(z) cannot overflow in
+    float32 for cap <= 80 and no max is subtracted (one pass fewer).
+    """
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))   # may be the input itself
+    if cap is not None and cap <= 80:
+        t = x.div_(cap).tanh_()                       # in place: one float32 buffer
+        zt = t.gather(1, target[:, None]).squeeze(1) * cap
+        p = torch.exp(t * cap)                        # second float32 buffer
+        s = p.sum(-1, keepdim=True)
+        lse = torch.log(s).squeeze(-1)
+        p.div_(s)
+    else:
+        t = None
+        z = cap * torch.tanh(x / cap) if cap is not None else x
+        lse = torch.logsumexp(z, -1)
+        zt = z.gather(1, target[:, None]).squeeze(1)
+        p = torch.exp(z - lse[:, None])
+        if cap is not None:
+            t = z.div_(cap)
+    loss = (lse - zt).sum()
+    p.scatter_add_(1, target[:, None], torch.full_like(zt[:, None], -1.0))
+    if t is not None:
+        p.mul_(t.mul_(t).neg_().add_(1))              # d softcap / dx = 1 - tanh^2
+    return loss, p.to(logits.dtype)
+
+
+_compiled_chunk = None
+
+
+def _chunk_fn(compile: bool):
+    global _compiled_chunk
+    if not compile:
+        return _chunk_loss_and_grad
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_chunk_loss_and_grad, dynamic=True)
+    return _compiled_chunk
+
+
+class _LinearSoftcapCE(torch.autograd.Function):
+    """sum over rows of CE(cap * tanh(h @ W.T / cap), target); gradients made in forward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, target, cap, chunk, compile):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) \
+            else weight.dtype
+        w = weight.to(dtype)
+        fn = _chunk_fn(compile)
+        acc = torch.promote_types(dtype, torch.float32)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                             device=h.device) if need_w else None
+        for i in range(0, h.shape[0], chunk):
+            hc = h[i:i + chunk].to(dtype)
+            with torch.autocast(h.device.type, enabled=False):
+                loss, dlogits = fn(hc @ w.t(), target[i:i + chunk], cap)
+                total += loss
+                if need_h:
+                    grad_h[i:i + chunk] = (dlogits @ w).to(h.dtype)
+                if need_w:
+                    grad_w += (dlogits.t() @ hc).to(grad_w.dtype)
+            del dlogits
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None
+
+
+def chunked_causal_lm_loss(hidden, weight, labels, softcap: float | None = None,
+                           chunk: int = 1024, num_items_in_batch=None, shift_labels=None,
+                           compile: bool = False):
+    """The causal-LM loss transformers computes from `lm_head(hidden)` (softcap included),
+    without the full logits: mean over labelled positions, or sum / num_items_in_batch.
+
+    hidden: [B, S, H] last hidden states (after the final norm); weight: [V, H] output
+    matrix; labels: [B, S] with -100 where no loss is taken (shifted by one here, as the
+    model does, unless `shift_labels` is given)."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=IGNORE)[..., 1:]
+    shift_labels = shift_labels.to(hidden.device)
+    mask = shift_labels != IGNORE
+    h = hidden[mask]                     # only positions that have a target
+    target = shift_labels[mask]
+    if chunk <= 0:
+        raise ValueError(f"ce_chunk={chunk}: must be a positive number of tokens")
+    total = _LinearSoftcapCE.apply(h, weight, target, softcap, chunk, compile)
+    if num_items_in_batch is None:
+        denom = mask.sum().clamp(min=1)
+    else:
+        denom = num_items_in_batch
+        if torch.is_tensor(denom):
+            denom = denom.to(total.device)
+    return total / denom
+
+
+# --- fused RMSNorm (Gemma style: x * rstd * (1 + w)) and GELU(gate) * up ------------------
+def _f32(t):
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _rms_fwd(x, w, eps, offset):
+    xf = _f32(x)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * rstd * (offset + _f32(w))).to(x.dtype), rstd
+
+
+def _rms_bwd(g, x, w, rstd, offset, need_w):
+    xhat = _f32(x) * rstd
+    gf = _f32(g)
+    gw = gf * (offset + _f32(w))
+    dx = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
+    dw = (gf * xhat).reshape(-1, x.shape[-1]).sum(0) if need_w else None
+    return dx.to(x.dtype), dw
+
+
+_compiled = {}
+
+
+def _maybe_compiled(name, fn, compile):
+    if not compile:
+        return fn
+    if name not in _compiled:
+        _compiled[name] = torch.compile(fn, dynamic=True)
+    return _compiled[name]
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, eps, offset, compile):
+        y, rstd = _maybe_compiled("rms_fwd", _rms_fwd, compile)(x, w, eps, offset)
+        ctx.save_for_backward(x, w, rstd)
+        ctx.offset, ctx.compile = offset, compile
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, rstd = ctx.saved_tensors
+        dx, dw = _maybe_compiled("rms_bwd", _rms_bwd, ctx.compile)(
+            g, x, w, rstd, ctx.offset, ctx.needs_input_grad[1])
+        return dx, (dw.to(w.dtype) if dw is not None else None), None, None, None
+
+
+def rms_norm(x, weight, eps=1e-6, offset=1.0, compile=False):
+    """Gemma's RMSNorm, float32 inside, saving only x and 1/rms for backward."""
+    return _RMSNorm.apply(x, weight, eps, offset, compile)
+
+
+def _gelu_mul(gate, up):
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def _gelu_mul_bwd(g, gate, up):
+    gf = _f32(gate)
+    k = 0.7978845608028654  # sqrt(2 / pi)
+    inner = k * (gf + 0.044715 * gf * gf * gf)
+    th = torch.tanh(inner)
+    act = 0.5 * gf * (1 + th)
+    dact = 0.5 * (1 + th) + 0.5 * gf * (1 - th * th) * k * (1 + 3 * 0.044715 * gf * gf)
+    gg = _f32(g)
+    return (gg * _f32(up) * dact).to(gate.dtype), (gg * act).to(up.dtype)
+
+
+class _GeluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, compile):
+        ctx.save_for_backward(gate, up)
+        ctx.compile = compile
+        return _maybe_compiled("gelu_mul", _gelu_mul, compile)(gate, up)
+
+    @staticmethod
+    def backward(ctx, g):
+        gate, up = ctx.saved_tensors
+        if ctx.compile:
+            dg, du = _maybe_compiled("gelu_mul_bwd", _gelu_mul_bwd, True)(g, gate, up)
+        else:   # eager: PyTorch's own fused GELU backward (one kernel) beats the formula
+            dg = torch.ops.aten.gelu_backward(g * up, gate, approximate="tanh")
+            du = g * F.gelu(gate, approximate="tanh")
+        return dg, du, None
+
+
+def gelu_mul(gate, up, compile=False):
+    """gelu_tanh(gate) * up saving only gate and up (eager also keeps gelu(gate))."""
+    return _GeluMul.apply(gate, up, compile)
+
+
+# --- checkpointing with the layer input parked in pinned CPU memory ----------------------
+class _OffloadedCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run, pinned, hidden):
+        ctx.run, ctx.device = run, hidden.device
+        ctx.autocast = (torch.is_autocast_enabled(hidden.device.type),
+                        torch.get_autocast_dtype(hidden.device.type))
+        if hidden.device.type == "cuda":
+            pinned.copy_(hidden, non_blocking=True)
+            ctx.saved = pinned
+        else:
+            ctx.saved = hidden.detach().clone()
+        with torch.no_grad():
+            out = run(hidden)
+        if not torch.is_tensor(out):
+            raise TypeError("offloaded checkpointing needs a layer that returns one tensor")
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden = ctx.saved.to(ctx.device, non_blocking=True).detach().requires_grad_(True)
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+            out = ctx.run(hidden)
+        torch.autograd.backward(out, grad)
+        ctx.saved = None
+        return None, None, hidden.grad
+
+
+_compiled_layer_forward = {}
+
+
+def _make_offload_checkpoint(layer, compile_inner=False):
+    buffers = {}
+
+    def checkpoint_fn(run, hidden, *args):
+        if args:
+            raise TypeError("offloaded checkpointing expects only hidden_states positionally")
+        if compile_inner and hasattr(run, "func"):
+            # Compile the layer's computation, not the offloading around it (one compiled
+            # function for all layers: parameters are graph inputs).
+            fn = _compiled_layer_forward.get(run.func)
+            if fn is None:
+                fn = _compiled_layer_forward[run.func] = torch.compile(run.func, dynamic=False)
+            run = functools.partial(fn, *run.args, **run.keywords)
+        key = (tuple(hidden.shape), hidden.dtype)
+        if hidden.device.type == "cuda" and key not in buffers:
+            buffers.clear()
+            buffers[key] = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+        return _OffloadedCheckpoint.apply(run, buffers.get(key), hidden)
+    return checkpoint_fn
+
+
+# --- applying the techniques to a model -------------------------------------------------
+def _causal_lm(model):
+    """The transformers *ForCausalLM inside a peft model (or the model itself)."""
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(m, "lm_head") or not hasattr(m, "model"):
+        raise TypeError(f"{type(m).__name__}: the fast path needs a *ForCausalLM with .model "
+                        "and .lm_head (a decoder-only transformers model)")
+    return m
+
+
+def _decoder_layers(lm):
+    layers = getattr(lm.model, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(lm).__name__}: no .model.layers; cannot place checkpoints")
+    return list(layers)
+
+
+def _patch_loss(lm, s: FastSettings):
+    original = lm.forward
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
+                logits_to_keep=0, **kwargs):
+        if labels is None or not self.training:
+            return original(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids, past_key_values=past_key_values,
+                            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                            logits_to_keep=logits_to_keep, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+        num_items = kwargs.pop("num_items_in_batch", None)
+        shift_labels = kwargs.pop("shift_labels", None)
+        kwargs.pop("ignore_index", None)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, inputs_embeds=inputs_embeds,
+                         use_cache=False, **kwargs)
+        loss = chunked_causal_lm_loss(out.last_hidden_state, self.lm_head.weight, labels,
+                                      softcap=cap, chunk=s.ce_chunk,
+                                      num_items_in_batch=num_items, shift_labels=shift_labels,
+                                      compile=bool(s.compile))
+        return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    lm.forward = types.MethodType(forward, lm)
+    lm._socratic_original_forward = original
+
+
+def _patch_fused(lm, s: FastSettings):
+    n_norm = n_mlp = 0
+    for mod in lm.modules():
+        name = type(mod).__name__
+        if name.endswith("RMSNorm") and name.startswith("Gemma") and hasattr(mod, "weight"):
+            eps = getattr(mod, "eps", getattr(mod, "variance_epsilon", 1e-6))
+
+            def norm_forward(self, x, eps=eps):
+                return rms_norm(x, self.weight, eps, 1.0, s.compile is True)
+            mod.forward = types.MethodType(norm_forward, mod)
+            n_norm += 1
+        elif name.endswith("MLP") and all(hasattr(mod, a) for a in ("gate_proj", "up_proj",
+                                                                      "down_proj")):
+            act = getattr(lm.config, "hidden_activation", None) or getattr(lm.config, "hidden_act", "")
+            if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+                continue
+
+            def mlp_forward(self, x):
+                return self.down_proj(gelu_mul(self.gate_proj(x), self.up_proj(x), s.compile is True))
+            mod.forward = types.MethodType(mlp_forward, mod)
+            n_mlp += 1
+    return n_norm, n_mlp
+
+
+def _set_checkpointing(lm, s: FastSettings):
+    layers = _decoder_layers(lm)
+    if s.checkpoint == "keep":
+        return [i for i, layer in enumerate(layers) if getattr(layer, "gradient_checkpointing", False)]
+    if s.checkpoint == "none":
+        chosen = set()
+    elif s.checkpoint == "all":
+        chosen = set(range(len(layers)))
+    else:
+        k = s.checkpoint
+        if isinstance(k, float) and 0.0 <= k <= 1.0:       # a share of the layers
+            k = max(1, round(k * len(layers))) if k > 0 else 0
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(layers):
+            raise ValueError(f"checkpoint={s.checkpoint!r}: use 'all', 'none', 'keep', a number "
+                             f"of layers from 0 to {len(layers)} or a share from 0.0 to 1.0")
+        # Spread evenly; peak memory does not depend on which layers, only on how many.
+        chosen = {int(i * len(layers) / k) for i in range(k)} if k else set()
+    if chosen:
+        kwargs = {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):   # its name from transformers 5.2x
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for i, layer in enumerate(layers):
+        if not hasattr(layer, "gradient_checkpointing"):
+            raise TypeError(f"{type(layer).__name__}: not a transformers GradientCheckpointingLayer")
+        layer.gradient_checkpointing = i in chosen
+        if i in chosen and s.offload:
+            layer._gradient_checkpointing_func = _make_offload_checkpoint(
+                layer, compile_inner=s.compile == "layers")
+    if chosen and s.offload:
+        # The offloaded checkpoint is an autograd Function: it is only differentiated when
+        # its input requires grad, so the embedding output must (cheap: one [B, S, H] copy).
+        lm.enable_input_require_grads()
+    return sorted(chosen)
+
+
+def apply_fast_path(model, settings: FastSettings | str = "speed"):
+    """Switch the techniques of `settings` on, in place, for a (peft-wrapped) causal LM.
+
+    Returns the same model with `model.fast_settings` and `model.fast_report` (what was
+    changed). Call after `get_peft_model` (LoRA dropout is the adapter's own setting)."""
+    s = FastSettings.preset(settings) if isinstance(settings, str) else settings
+    if s.attention not in ("flex", "eager"):
+        raise ValueError(f"attention={s.attention!r}: use flex or eager")
+    lm = _causal_lm(model)
+    report = {}
+    if s.attention == "flex":
+        if hasattr(lm, "set_attn_implementation"):
+            lm.set_attn_implementation("flex_attention")
+        else:
+            lm.config._attn_implementation = "flex_attention"
+        report["attention"] = lm.config._attn_implementation
+    if s.fused_ops and s.compile != "layers":
+        report["fused_norms"], report["fused_mlps"] = _patch_fused(lm, s)
+    report["checkpointed_layers"] = _set_checkpointing(lm, s)
+    if s.compile == "layers":
+        import torch._dynamo
+        # One compiled graph serves all layers of a kind (parameters are graph inputs);
+        # the limit only matters if guards differ between layers.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for layer in _decoder_layers(lm):
+            if not (s.offload and layer.gradient_checkpointing):   # else: inside the offload
+                layer.compile(dynamic=False)
+        report["compiled_layers"] = len(_decoder_layers(lm))
+    if s.chunked_ce:
+        _patch_loss(lm, s)
+        report["loss"] = f"chunked linear cross-entropy, {s.ce_chunk} tokens a chunk"
+    model.fast_settings, model.fast_report = s, report
+    return model
+
+
+def lean_kbit_preparation(model):
+    """What the adapter needs from a 4-bit model, without peft's float32 copies: freeze the
+    base, keep the embedding and norms in the compute dtype, no cache."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def load_for_training(s, fast_settings: FastSettings | None = None):
+    """`train.load_for_training` for `mode: speed | memory` (TrainSettings `s`);
+    `fast_settings` replaces the mode's preset (bench/perf.py uses it for single switches)."""
+    from peft import get_peft_model
+
+    from .lora import LoraSettings, lora_config
+    from .models import default_model_path, load_model
+    from .quant import QuantSettings
+    from .train import _placement
+
+    mode = getattr(s, "mode", "reference")
+    if mode not in MODES:
+        raise ValueError(f"config key 'mode': {mode!r}: use reference, speed or memory")
+    if mode == "reference" and fast_settings is None:
+        raise ValueError("mode 'reference' is the plain recipe: use train.load_for_training")
+    fs = fast_settings or FastSettings.preset(mode)
+    if not s.gradient_checkpointing:
+        fs = fs.replace(checkpoint="none", offload=False)
+    model_id = str(default_model_path()) if s.model == "default" else s.model
+    quant = QuantSettings(bits=s.bits, compute_dtype=s.compute_dtype)
+    placement = _placement(s)
+    model, tok = load_model(model_id, quant=quant, mode=placement, gpu_budgets=s.gpu_budgets,
+                            allow_offload=s.allow_offload)
+    if placement == "cpu":       # no compiled kernels on the CPU: the CPU path stays eager
+        fs = fs.replace(attention="eager", offload=False, compile=False)
+    if fs.offload and placement not in ("single", "data_parallel"):
+        fs = fs.replace(offload=False)
+    model = lean_kbit_preparation(model)
+    lora = LoraSettings(r=s.lora_r, alpha=s.lora_alpha, dropout=s.lora_dropout,
+                        targets=s.lora_targets)
+    model = get_peft_model(model, lora_config(lora, model))
+    return apply_fast_path(model, fs), tok
