@@ -335,10 +335,12 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool) -> str | None:
                 else "files")
         raise FileExistsError(f"{out} already holds {what} ({shown}): pass --resume to continue, "
                               "--overwrite to replace the run, or choose another output_dir")
+    if int(os.environ.get("RANK", "0")) != 0:   # under DDP the first process clears the folder
+        return None
     for name in entries:
         if name.startswith("checkpoint-") or name in OUR_FILES:
             p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return None
 
 
