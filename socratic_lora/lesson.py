@@ -55,13 +55,15 @@ class LessonEnv:
     def adapter(self) -> Path:
         """The tuned adapter for this setting: trained by lesson 06 and reused by later lessons.
         When a lesson runs alone (Colab, Kaggle) and it is missing, it is trained here."""
-        from .train import train
+        from .train import complete_checkpoints, train
         s = self.settings()
         path = Path(s.output_dir) / "adapter"
         if not (path / "adapter_model.safetensors").exists():
             print(f"{path} がないので、ここで学習します ({self.config} 設定)…")
-            resume = any(Path(s.output_dir).glob("checkpoint-*"))
-            train(s, resume=resume)
+            # Continue from a complete checkpoint (a Colab session cut off mid-run); otherwise
+            # start over: the folder only ever holds this setting's own run.
+            resume = bool(complete_checkpoints(s.output_dir))
+            train(s, resume=resume, overwrite=not resume)
         return path
 
     def __str__(self) -> str:
