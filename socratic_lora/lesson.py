@@ -84,6 +84,8 @@ def setup(use_gpu_model: bool = False, work: str | os.PathLike = "runs", quiet: 
         # Before the first transformers import: tqdm warns about missing notebook widgets then.
         warnings.formatwarning = _short_warnings
         warnings.filterwarnings("ignore", message="IProgress not found")
+        # peft calls an attribute transformers 5.x deprecated; nothing a learner can act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing is deprecated")
         import logging
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels
     import torch
