@@ -85,7 +85,7 @@ def setup(use_gpu_model: bool = False, work: str | os.PathLike = "runs", quiet: 
         warnings.formatwarning = _short_warnings
         warnings.filterwarnings("ignore", message="IProgress not found")
         # peft calls an attribute transformers 5.x deprecated; nothing a learner can act on.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing is deprecated")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated")
         import logging
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels
     import torch
@@ -97,6 +97,8 @@ def setup(use_gpu_model: bool = False, work: str | os.PathLike = "runs", quiet: 
         os.environ["TQDM_DISABLE"] = "1"
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
+        import datasets
+        datasets.disable_progress_bars()
     platform = detect_platform()
     gpus = torch.cuda.device_count()
     if use_gpu_model:
