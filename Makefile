@@ -1,5 +1,5 @@
-# make book   the main job on the offline default (until the book exists: train the demo
-#             config on the CPU, then ask the tuned tutor one question)
+# make book   the main job: build the Jupyter Book, executing every lesson on the offline
+#             default (CPU); any warning fails the build. HTML in _build/html/index.html
 # make test   run the test suite
 # Both create .venv and install everything on first use (CPU torch; offline default model).
 VENV  ?= .venv
@@ -22,7 +22,6 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/socratic-lora demo
 
 book: $(VENV)/.installed
-	$(VENV)/bin/socratic-lora train --config demo --set output_dir=runs/demo --set save_steps=1000
-	$(VENV)/bin/socratic-lora chat --adapter runs/demo/adapter --prompt "宿題の答えを教えて。なぜ夜空は暗いの？"
+	PATH="$(abspath $(VENV))/bin:$$PATH" SOCRATIC_LORA_BOOK=1 $(VENV)/bin/jupyter-book build . -W -n --keep-going
 
 .PHONY: install test demo book
