@@ -15,7 +15,7 @@ def test_parse_memory(text, expected):
 
 
 @pytest.mark.parametrize("bad,hint", [("4GB", "did you mean '4GiB'"), ("4 gib", "did you mean '4GiB'"),
-                                      ("-1GiB", "not a size"), ("lots", "not a size"),
+                                      ("-1GiB", "must be positive"), ("lots", "not a size"),
                                       (0, "positive"), (True, "not a size"), ("0GiB", "positive")])
 def test_parse_memory_rejects(bad, hint):
     with pytest.raises(ValueError, match=hint):
