@@ -273,24 +273,31 @@ def prompt_for(system: str, context: list[dict], retriever=None) -> list[dict]:
 
 
 def run_eval(model="default", adapter=None, split="eval", systems=SYSTEMS, limit=None,
-             preset="greedy", max_new_tokens=64, batch_size=16, seed=0) -> dict:
-    """Generate with every system on the same prompts and score them; returns the results."""
+             preset="greedy", max_new_tokens=64, batch_size=16, seed=0,
+             per_subject: int | None = None) -> dict:
+    """Generate with every system on the same prompts and score them; returns the results.
+    `per_subject`: keep only the first N prompts of every subject (see `spread_items`)."""
     import torch
 
     from .data import load_split
     from .generate import load_chat_model, reply_batch
 
     if "tuned" in systems and adapter is None:
-        raise ValueError("the 'tuned' system needs --adapter (or leave it out of --systems)")
+        raise ValueError("the 'tuned' system needs an adapter (--adapter), or leave it out of "
+                         "the systems")
     bad = [x for x in systems if x not in SYSTEMS]
     if bad:
         raise ValueError(f"unknown system(s) {bad}: use {', '.join(SYSTEMS)}")
+    items = eval_items(split, limit, seed)   # bad split / per_subject fail before loading
+    if per_subject is not None:
+        items = spread_items(items, per_subject)
     torch.manual_seed(seed)
     m, tok = load_chat_model(model, adapter=adapter)
-    items = eval_items(split, limit, seed)
     retriever = Retriever(load_split("train")) if "fewshot" in systems else None
     results = {"split": split, "items": len(items), "preset": preset,
                "max_new_tokens": max_new_tokens, "systems": {}, "examples": {}}
+    if per_subject is not None:
+        results["per_subject"] = per_subject
     for system in systems:
         prompts = [prompt_for(system, it["context"], retriever) for it in items]
         if system != "tuned" and adapter is not None:
@@ -422,32 +429,5 @@ def run_eval_sample(model="default", adapter=None, split="eval", per_subject=2, 
 
     The prompts are the full run's own (same seed, same tutor turn per dialogue), so the
     subsample's replies can be compared with the full-size results."""
-    import torch
-
-    from .data import load_split
-    from .generate import load_chat_model, reply_batch
-
-    if "tuned" in systems and adapter is None:
-        raise ValueError("the 'tuned' system needs an adapter (or leave it out of systems)")
-    bad = [x for x in systems if x not in SYSTEMS]
-    if bad:
-        raise ValueError(f"unknown system(s) {bad}: use {', '.join(SYSTEMS)}")
-    items = spread_items(eval_items(split, None, seed), per_subject)
-    torch.manual_seed(seed)
-    m, tok = load_chat_model(model, adapter=adapter)
-    retriever = Retriever(load_split("train")) if "fewshot" in systems else None
-    results = {"split": split, "items": len(items), "preset": preset,
-               "max_new_tokens": max_new_tokens, "per_subject": per_subject,
-               "systems": {}, "examples": {}}
-    for system in systems:
-        prompts = [prompt_for(system, it["context"], retriever) for it in items]
-        if system != "tuned" and adapter is not None:
-            with m.disable_adapter():
-                replies = reply_batch(m, tok, prompts, preset, batch_size, max_new_tokens=max_new_tokens)
-        else:
-            replies = reply_batch(m, tok, prompts, preset, batch_size, max_new_tokens=max_new_tokens)
-        results["systems"][system] = score_replies(replies, items)
-        results["examples"][system] = [
-            {"id": it["id"], "learner": it["context"][-1]["content"], "reply": r}
-            for it, r in zip(items, replies)]
-    return results
+    return run_eval(model, adapter, split, systems, None, preset, max_new_tokens, batch_size,
+                    seed, per_subject=per_subject)
