@@ -13,7 +13,7 @@ Modes:
                  its default gradient checkpointing, eager attention.
   speed, memory  our path: socratic_lora.fast.load_for_training (the `mode:` training key).
   MODE:k=v,...   (modes are separated by ';') the same with FastSettings fields changed (chunked_ce, ce_chunk, attention,
-                 lean_kbit, fused_ops, checkpoint, offload, compile) and/or dropout=...;
+                 lean_kbit, fused_ops, checkpoint, offload, compile, dequant) and/or dropout=...;
                  `reference:attention=flex` is the recipe with one technique switched on.
 
 Each mode: fresh model, `--warmup` untimed steps (compilation), then `--steps` timed steps on

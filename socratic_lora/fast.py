@@ -25,6 +25,10 @@ Each technique is one switch of `FastSettings`, so each can be measured on its o
 - `checkpoint`: "all", "none", or a number of decoder layers to checkpoint; `offload`
   moves each checkpointed layer's input to pinned CPU memory until backward.
 - `compile`: torch.compile for the element-wise parts (loss chunk, RMSNorm, GELU * up).
+- `dequant="torch"` (with compile="layers"): the 4-bit weights are unpacked with plain
+  torch operations inside an autograd function (`_Linear4bit`) instead of bitsandbytes'
+  Python-dispatched ops, so the compiled decoder layer becomes one graph of fused kernels and
+  cuBLAS calls; the dequantised weight is not kept for backward but recomputed there.
 
 Correctness: tests/test_fast.py (CPU) checks the chunked loss and its gradients against the
 model's own loss; bench/perf.py compares the first-step loss and the LoRA gradients of each
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 from dataclasses import dataclass
 
@@ -55,16 +60,20 @@ class FastSettings:
     offload: bool = False            # checkpointed layer inputs wait in pinned CPU memory
     compile: bool | str = False      # True: compile the element-wise parts; "layers": each
                                      # decoder layer (regional compilation, no fused_ops)
+    dequant: str = "bnb"             # bnb | torch (4-bit unpacking traced by torch.compile)
 
     @classmethod
     def preset(cls, mode: str) -> "FastSettings":
-        """speed: each decoder layer compiled, 20 % of the layers checkpointed (5 of Gemma 2
-        2B's 26); memory: each layer compiled, checkpointed and its input offloaded to the
-        CPU, small loss chunks; reference: every technique off (the plain recipe)."""
+        """speed: each decoder layer compiled, 4-bit unpacking inside the compiled graph, no
+        checkpointing (Gemma 2 2B at 8 x 512: 6.4 GiB on an H100, docs/performance.md);
+        memory: the same with every layer checkpointed and its input offloaded to the CPU,
+        small loss chunks; reference: every technique off (the plain recipe)."""
         if mode == "speed":
-            return cls(ce_chunk=256, checkpoint=0.2, offload=False, compile="layers")
+            return cls(ce_chunk=256, checkpoint="none", offload=False, compile="layers",
+                       dequant="torch")
         if mode == "memory":
-            return cls(ce_chunk=128, checkpoint="all", offload=True, compile="layers")
+            return cls(ce_chunk=128, checkpoint="all", offload=True, compile="layers",
+                       dequant="torch")
         if mode == "reference":
             return cls(chunked_ce=False, attention="eager", lean_kbit=False, fused_ops=False,
                        checkpoint="keep", offload=False, compile=False)
@@ -272,15 +281,47 @@ def gelu_mul(gate, up, compile=False):
 
 
 # --- checkpointing with the layer input parked in pinned CPU memory ----------------------
+_copy_streams: dict = {}
+_pending: list = []        # offloaded layer inputs of the current step, in forward order
+
+
+def _copy_stream(device):
+    if device not in _copy_streams:
+        _copy_streams[device] = torch.cuda.Stream(device)
+    return _copy_streams[device]
+
+
+def _fetch(ctx):
+    """Start copying a layer's input back to the GPU on the copy stream (once)."""
+    if ctx.fetched is None:
+        stream = _copy_stream(ctx.device)
+        with torch.cuda.stream(stream):
+            ctx.fetched = ctx.saved.to(ctx.device, non_blocking=True)
+            ctx.fetch_done = stream.record_event()
+    return ctx.fetched
+
+
 class _OffloadedCheckpoint(torch.autograd.Function):
+    """Checkpointing with the layer input parked in pinned CPU memory. On a GPU the copies run
+    on their own stream, so they overlap the layers' computation: forward copies each input
+    out while the next layer runs; backward brings the next layer's input back while the
+    current one is recomputed and differentiated."""
+
     @staticmethod
     def forward(ctx, run, pinned, hidden):
-        ctx.run, ctx.device = run, hidden.device
+        ctx.run, ctx.device, ctx.fetched = run, hidden.device, None
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type),
                         torch.get_autocast_dtype(hidden.device.type))
         if hidden.device.type == "cuda":
-            pinned.copy_(hidden, non_blocking=True)
+            stream = _copy_stream(hidden.device)
+            stream.wait_stream(torch.cuda.current_stream(hidden.device))
+            with torch.cuda.stream(stream):
+                pinned.copy_(hidden, non_blocking=True)
+            hidden.record_stream(stream)     # its memory is not reused before the copy ends
             ctx.saved = pinned
+            if len(_pending) > 4096:         # forwards that never got a backward
+                _pending.clear()
+            _pending.append(ctx)
         else:
             ctx.saved = hidden.detach().clone()
         with torch.no_grad():
@@ -291,12 +332,23 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        hidden = ctx.saved.to(ctx.device, non_blocking=True).detach().requires_grad_(True)
+        if ctx.device.type == "cuda":
+            hidden = _fetch(ctx)
+            current = torch.cuda.current_stream(ctx.device)
+            current.wait_event(ctx.fetch_done)      # this input only, not the prefetch below
+            hidden.record_stream(current)
+            if _pending and _pending[-1] is ctx:
+                _pending.pop()
+            if _pending:
+                _fetch(_pending[-1])               # the layer before: next in backward
+        else:
+            hidden = ctx.saved
+        hidden = hidden.detach().requires_grad_(True)
         enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
             out = ctx.run(hidden)
         torch.autograd.backward(out, grad)
-        ctx.saved = None
+        ctx.saved = ctx.fetched = ctx.fetch_done = None
         return None, None, hidden.grad
 
 
@@ -322,6 +374,119 @@ def _make_offload_checkpoint(layer, compile_inner=False):
             buffers[key] = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
         return _OffloadedCheckpoint.apply(run, buffers.get(key), hidden)
     return checkpoint_fn
+
+
+# --- 4-bit weights unpacked with torch operations -----------------------------------------
+def _blockwise(values, absmax, blocksize):
+    """values [n] float32 times absmax of each block of `blocksize` consecutive values."""
+    n = values.numel()
+    full = n - n % blocksize
+    out = (values[:full].view(-1, blocksize) * absmax[:full // blocksize, None]).reshape(full)
+    if full < n:
+        out = torch.cat([out, values[full:] * absmax[full // blocksize]])
+    return out
+
+
+def dequantize_4bit_torch(packed, absmax, code, blocksize, shape, dtype, nested=None):
+    """bitsandbytes' 4-bit format (NF4 or FP4) unpacked with torch ops only.
+
+    packed: uint8, two 4-bit indices per byte, the high nibble first, row-major over `shape`;
+    code: the 16 values of the data type; absmax: float32 per block of `blocksize` values, or
+    (double quantization) uint8 indices into `nested = (code2, absmax2, blocksize2, offset)`.
+    Equals `bitsandbytes.functional.dequantize_4bit` (tests/test_fast.py)."""
+    if nested is not None:
+        code2, absmax2, blocksize2, offset = nested
+        absmax = _blockwise(code2.float()[absmax.reshape(-1).long()], absmax2.float(),
+                            blocksize2) + offset
+    n = math.prod(shape)
+    p = packed.reshape(-1)
+    idx = torch.stack((p >> 4, p & 15), dim=-1).reshape(-1)[:n].long()
+    return _blockwise(code.float()[idx], absmax.float(), blocksize).view(shape).to(dtype)
+
+
+def _quant_parts(qs):
+    """The tensors and constants of a bitsandbytes QuantState (a Python object torch.compile
+    would have to guard on) as plain arguments."""
+    tensors = (qs.absmax, qs.code, None, None, None)
+    nested_bs = None
+    if qs.nested:
+        tensors = (qs.absmax, qs.code, qs.state2.code, qs.state2.absmax, qs.offset)
+        nested_bs = qs.state2.blocksize
+    return tensors, (qs.blocksize, tuple(qs.shape), nested_bs)
+
+
+def _unpack(packed, absmax, code, code2, absmax2, offset, meta, dtype):
+    blocksize, shape, nested_bs = meta
+    nested = (code2, absmax2, nested_bs, offset) if nested_bs is not None else None
+    return dequantize_4bit_torch(packed, absmax, code, blocksize, shape, dtype, nested)
+
+
+class _Linear4bit(torch.autograd.Function):
+    """y = x @ dequant(W).T; backward dequantises again instead of saving the weight
+    (saving it would keep a 16-bit copy of every layer's weights for backward)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, code, code2, absmax2, offset, meta):
+        w = _unpack(packed, absmax, code, code2, absmax2, offset, meta, x.dtype)
+        ctx.save_for_backward(packed, absmax, code, code2, absmax2, offset)
+        ctx.meta = meta
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        w = _unpack(*ctx.saved_tensors, ctx.meta, grad.dtype)
+        return (grad @ w,) + (None,) * 7
+
+
+def _dequant_matmul(x, packed, absmax, code, code2, absmax2, offset, meta):
+    return x @ _unpack(packed, absmax, code, code2, absmax2, offset, meta, x.dtype).t()
+
+
+def _linear4bit_forward(self, x):
+    """Forward of a bitsandbytes Linear4bit through `_Linear4bit`: one function for every
+    module (read from `self`), so one compiled graph serves all layers of a shape."""
+    tensors, meta = _quant_parts(self.weight.quant_state)
+    dt = x.dtype
+    h = x.to(self.compute_dtype) if self.compute_dtype is not None else x
+    if torch.compiler.is_compiling():
+        # Inside a compiled layer the partitioner would merge the backward's dequantisation
+        # with the forward's and keep the 16-bit weight for backward (it must be
+        # materialised for the matmul there): +156 MB per Gemma 2 2B layer. Ops inside a
+        # checkpointed region are marked must-recompute instead; only the dequantisation
+        # is redone in backward (the matmul's output is not needed there).
+        out = torch.utils.checkpoint.checkpoint(_dequant_matmul, h, self.weight, *tensors, meta,
+                                                use_reentrant=False)
+    else:
+        out = _Linear4bit.apply(h, self.weight, *tensors, meta)
+    if self.bias is not None:
+        out = out + self.bias.to(out.dtype)
+    return out.to(dt)
+
+
+def _patch_linear4bit(lm):
+    """Route every bitsandbytes Linear4bit through `_Linear4bit` (peft's LoRA wrappers call
+    their base layer, so the adapters stay as they are). Returns the number patched."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for mod in lm.modules():
+        if not isinstance(mod, bnb.nn.Linear4bit):
+            continue
+        qs = getattr(mod.weight, "quant_state", None)
+        if qs is None or getattr(qs, "packing_format_for_cpu", False):
+            continue
+        if mod.compute_dtype is None:
+            mod.compute_dtype = lm.dtype if lm.dtype.is_floating_point else torch.bfloat16
+        if qs.code is None or qs.code.numel() != 16:
+            import bitsandbytes.functional as bf
+            qs.code = bf.get_4bit_type(qs.quant_type, device=qs.absmax.device)
+        mod.forward = types.MethodType(_linear4bit_forward, mod)
+        n += 1
+    return n
 
 
 # --- applying the techniques to a model -------------------------------------------------
@@ -449,7 +614,13 @@ def apply_fast_path(model, settings: FastSettings | str = "speed"):
         report["attention"] = lm.config._attn_implementation
     if s.fused_ops and s.compile != "layers":
         report["fused_norms"], report["fused_mlps"] = _patch_fused(lm, s)
+    if s.dequant not in ("bnb", "torch"):
+        raise ValueError(f"dequant={s.dequant!r}: use bnb or torch")
+    if s.dequant == "torch":
+        report["linear4bit_torch"] = _patch_linear4bit(lm)
     report["checkpointed_layers"] = _set_checkpointing(lm, s)
+    if s.compile not in (False, True, "layers"):
+        raise ValueError(f"compile={s.compile!r}: use False, True or 'layers'")
     if s.compile == "layers":
         import torch._dynamo
         # One compiled graph serves all layers of a kind (parameters are graph inputs);
@@ -499,7 +670,7 @@ def load_for_training(s, fast_settings: FastSettings | None = None):
     model, tok = load_model(model_id, quant=quant, mode=placement, gpu_budgets=s.gpu_budgets,
                             allow_offload=s.allow_offload)
     if placement == "cpu":       # no compiled kernels on the CPU: the CPU path stays eager
-        fs = fs.replace(attention="eager", offload=False, compile=False)
+        fs = fs.replace(attention="eager", offload=False, compile=False, dequant="bnb")
     if fs.offload and placement not in ("single", "data_parallel"):
         fs = fs.replace(offload=False)
     model = lean_kbit_preparation(model)

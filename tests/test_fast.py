@@ -148,11 +148,104 @@ def test_train_settings_mode_speed_loads_the_fast_path(tiny_gemma2_dir):
     s = TrainSettings(model=tiny_gemma2_dir, bits=16, placement="cpu", mode="speed",
                       lora_dropout=0.0)
     model, _ = load_for_training(s)
-    assert model.fast_settings.chunked_ce and model.fast_report["checkpointed_layers"]
+    assert model.fast_settings.chunked_ce and model.fast_report["checkpointed_layers"] == []
     assert model.fast_settings.attention == "eager" and not model.fast_settings.compile
+    assert model.fast_settings.dequant == "bnb"          # no compiled graph on the CPU
+    s.mode = "memory"
+    memory, _ = load_for_training(s)
+    assert memory.fast_report["checkpointed_layers"] == [0, 1]   # every layer
     ids = torch.randint(3, VOCAB, (2, 16))
     model.train()
     out = model(input_ids=ids, labels=ids)
     assert out.logits is None and torch.isfinite(out.loss)
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# --- dequant="torch": bitsandbytes' 4-bit format unpacked with torch ops --------------------
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("shape", [(64, 128), (33, 70)])     # 33 x 70: a last partial block
+def test_torch_dequantization_equals_bitsandbytes(quant_type, nested, shape):
+    bf = pytest.importorskip("bitsandbytes.functional")
+    from socratic_lora.fast import _quant_parts, _unpack
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    packed, qs = bf.quantize_4bit(w, blocksize=64, quant_type=quant_type,
+                                  compress_statistics=nested)
+    tensors, meta = _quant_parts(qs)
+    got = _unpack(packed, *tensors, meta, torch.bfloat16)
+    assert torch.equal(got, bf.dequantize_4bit(packed, qs))
+    assert (got.float() - w.float()).abs().max() > 0       # it really was quantized
+
+
+def _tiny_4bit_lora(path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from socratic_lora.fast import lean_kbit_preparation
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16,
+                                                 device_map={"": "cpu"},
+                                                 attn_implementation="eager")
+    torch.manual_seed(0)                     # the same random LoRA weights every time
+    model = get_peft_model(lean_kbit_preparation(model), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        init_lora_weights=False))
+    model.train()
+    return model
+
+
+def test_torch_dequant_path_equals_bitsandbytes_and_compiles_without_graph_breaks(tmp_path):
+    """Same loss and LoRA gradients as bitsandbytes' own 4-bit matmul, and each decoder
+    layer traces into one graph (no break) that all layers of a kind share: what makes the
+    compiled layer cheap on the host (docs/performance.md)."""
+    pytest.importorskip("bitsandbytes")
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    from conftest import save_tiny
+    path = save_tiny(tiny_gemma2_config(layers=6), tmp_path / "m")
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def loss_and_grads(model):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters()
+                             if p.requires_grad}
+
+    ref_loss, ref = loss_and_grads(_tiny_4bit_lora(path))
+    model = _tiny_4bit_lora(path)
+    settings = FastSettings(chunked_ce=False, attention="eager", fused_ops=False,
+                            checkpoint="none", dequant="torch")
+    apply_fast_path(model, settings)
+    assert model.fast_report["linear4bit_torch"] == 6 * 7
+    loss, got = loss_and_grads(model)
+    assert loss == ref_loss and len(got) == 6 * 4 * 2
+    for n in ref:
+        assert torch.equal(got[n], ref[n]), n
+
+    torch._dynamo.reset()
+    counters.clear()
+    count = CompileCounterWithBackend("aot_eager_decomp_partition")   # inductor's partitioner
+    for layer in model.get_base_model().model.layers:
+        layer.compile(backend=count, dynamic=False)
+    saved = []
+
+    def keep_shape(t):
+        saved.append(tuple(t.shape))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep_shape, lambda t: t):
+        loss, got = loss_and_grads(model)
+    # The dequantised 16-bit weights are recomputed in backward, not saved
+    # (hidden 64, q/o 64 x 64, k/v 32 x 64, MLP 128 x 64 and 64 x 128; 24 tokens).
+    weights = {(64, 64), (32, 64), (128, 64), (64, 128)}
+    assert saved and not weights & set(saved), weights & set(saved)
+    assert count.frame_count == 2        # one graph for the sliding layers, one for the global
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert abs(loss - ref_loss) < 1e-6
+    for n in ref:
+        assert torch.allclose(got[n], ref[n], rtol=1e-2, atol=1e-6), n
+    torch._dynamo.reset()
