@@ -14,6 +14,9 @@ Variants:
                    itself when it judges the model compilable).
   static_compiled  static cache, transformers' own compilation off, and the model's forward
                    wrapped in torch.compile(mode="reduce-overhead") (CUDA graphs).
+  fast             socratic_lora.fastgen.FastDecoder: preallocated cache, each decoding step
+                   replayed from one CUDA graph (the warm-up call records it).
+  fast_eager       the same step function without the graph (what the graph saves).
 Greedy tokens are compared with `plain` (match share; random weights make near-ties common,
 so a few differing tokens after a near-tie are rounding, not a bug).
 """
@@ -44,6 +47,16 @@ def load(model_dir):
 
 
 def generate(model, ids, new, variant):
+    if variant in ("fast", "fast_eager"):
+        from socratic_lora.fastgen import FastDecoder
+        key = "_fast_decoder_" + variant
+        if not hasattr(model, key):
+            setattr(model, key, FastDecoder(model, cuda_graph=variant == "fast"))
+        dec = getattr(model, key)
+        new_ids = dec.generate(ids, torch.ones_like(ids), max_new_tokens=new)
+        generate.info = dict(dec.info)
+        return torch.cat([ids, new_ids], 1)
+    generate.info = {}
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False,
                   attention_mask=torch.ones_like(ids))
     if variant in ("static", "static_compiled"):
@@ -85,7 +98,7 @@ def main(argv=None):
                        "tokens_per_s": round(b * a.new / dt, 1), "seconds": round(dt, 3),
                        "warmup_s": round(warm, 1),
                        "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
-                       "generated": int(out.shape[1] - a.prompt)}
+                       "generated": int(out.shape[1] - a.prompt), **generate.info}
                 key = ("tokens", b)
                 if variant == "plain":
                     rows.append({"_tokens": key, "ids": out[:, a.prompt:].cpu()})

@@ -49,6 +49,24 @@ def test_batch_generation_with_left_padding_equals_one_by_one(tiny_chat_dir):
     assert tok.padding_side == side             # restored afterwards
 
 
+def test_fast_decoder_batch_equals_generate_and_refuses_what_it_lacks(tiny_chat_dir):
+    """fast=True runs FastDecoder (eagerly on the CPU: the step a GPU records as a graph)."""
+    model, tok = load_chat_model(tiny_chat_dir)
+    convs = [[{"role": "user", "content": "短い"}],
+             [{"role": "user", "content": "これはずっと長い質問で、左に詰め物が必要になります"}],
+             [{"role": "user", "content": "三つ目"}]]
+    plain = reply_batch(model, tok, convs, preset="greedy", max_new_tokens=12, fast=False)
+    fast = reply_batch(model, tok, convs, preset="greedy", max_new_tokens=12, fast=True)
+    assert fast == plain and any(plain)
+    assert hasattr(model, "_socratic_fast_decoder")
+    # default on the CPU: plain generate (no decoder made for a fresh model)
+    fresh, _ = load_chat_model(tiny_chat_dir)
+    assert reply_batch(fresh, tok, convs, max_new_tokens=12) == plain
+    assert not hasattr(fresh, "_socratic_fast_decoder")
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        reply_batch(model, tok, convs, preset="competition", fast=True)
+
+
 def test_base_adapter_and_merged_agree(tmp_path, tiny_chat_dir, trained_adapter):
     from socratic_lora.export import merge_adapter
     base, tok = load_chat_model(tiny_chat_dir)

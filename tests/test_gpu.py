@@ -67,3 +67,69 @@ def test_gemma2_2b_architecture_balanced_4bit_matches_the_plan(tmp_path_factory)
         assert real == pytest.approx(used[i], rel=0.05)
     x = torch.randint(0, 256000, (1, 64), device="cuda:0")
     assert torch.isfinite(model(input_ids=x, labels=x).loss)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nested", [False, True])
+def test_torch_dequantization_equals_bitsandbytes_cuda_kernel(nested):
+    import bitsandbytes.functional as bf
+    from socratic_lora.fast import _quant_parts, _unpack
+    w = torch.randn(2304, 9216, device="cuda", dtype=torch.bfloat16)
+    packed, qs = bf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
+    tensors, meta = _quant_parts(qs)
+    got = _unpack(packed, *tensors, meta, torch.bfloat16)
+    assert torch.equal(got, bf.dequantize_4bit(packed, qs))
+
+
+@pytest.mark.gpu
+def test_fast_decoder_cuda_graph_equals_generate_on_4bit_lora(gemma2_4layers):
+    from socratic_lora.fastgen import FastDecoder
+    model, _ = load_model(gemma2_4layers, quant=QuantSettings(bits=4), mode="single")
+    model = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    model.eval()
+    ids = torch.randint(3, VOCAB, (3, 12), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    dec = FastDecoder(model)
+    got = dec.generate(ids, mask, max_new_tokens=24)
+    assert dec.info["cuda_graph"], dec.info
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24,
+                             min_new_tokens=24, do_sample=False, pad_token_id=0,
+                             eos_token_id=None)[:, 12:]
+    assert (got == ref).float().mean() > 0.9          # bf16 near-ties may differ late
+    assert torch.equal(got[:, :4], ref[:, :4])
+    again = dec.generate(ids, mask, max_new_tokens=24)   # replays the recorded graph
+    assert dec.info.get("reused") and torch.equal(again, got)
+
+
+@pytest.mark.gpu
+def test_offloaded_checkpoint_on_cuda_gives_the_same_gradients(gemma2_4layers):
+    """The copies run on their own stream (overlapped with the layers): the gradients must
+    equal plain checkpointing's, over several steps (the pinned buffers are reused)."""
+    from socratic_lora.fast import FastSettings, apply_fast_path
+
+    def build(offload):
+        model, _ = load_model(gemma2_4layers, quant=QuantSettings(bits=4), mode="single")
+        torch.manual_seed(0)
+        model = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+        return apply_fast_path(model, FastSettings(attention="eager", checkpoint="all",
+                                                   offload=offload, compile=False))
+    grads = {}
+    for offload in (False, True):
+        model = build(offload)
+        model.train()
+        for step in range(3):
+            x = torch.randint(3, VOCAB, (2, SEQ_LEN), device="cuda",
+                              generator=torch.Generator("cuda").manual_seed(step))
+            model.zero_grad()
+            model(input_ids=x, labels=x).loss.backward()
+            grads[offload, step] = {n: p.grad.float().clone() for n, p in model.named_parameters()
+                                    if p.requires_grad}
+    for step in range(3):
+        for n, g in grads[False, step].items():
+            assert torch.allclose(grads[True, step][n], g, rtol=1e-3, atol=1e-6), (step, n)
