@@ -513,7 +513,9 @@ def _patch_loss(lm, s: FastSettings):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
                 logits_to_keep=0, **kwargs):
-        if labels is None or not self.training:
+        # With labels (training and evaluation loss) only the loss is returned; without
+        # them (generation, inspection) the model's own forward gives the logits.
+        if labels is None:
             return original(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids, past_key_values=past_key_values,
                             inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,

@@ -124,10 +124,15 @@ def test_fast_path_gives_the_models_loss_and_lora_gradients(settings):
     assert fast.fast_report["checkpointed_layers"] == (
         [] if settings.checkpoint == "none" else [0, 1, 2] if settings.checkpoint == "all"
         else [0, 1])
-    # Evaluation still returns the full logits (generation and eval loops need them).
+    # Evaluation with labels: the same loss, without materialising the logits; without labels
+    # (generation) the full logits as usual.
     fast.eval()
     with torch.no_grad():
-        assert fast(**batch).logits.shape == (2, 24, VOCAB)
+        out = fast(**batch)
+        assert (out.logits is None) == settings.chunked_ce
+        assert abs(out.loss.item() - ref_loss) < 1e-5
+        no_labels = {k: v for k, v in batch.items() if k != "labels"}
+        assert fast(**no_labels).logits.shape == (2, 24, VOCAB)
 
 
 def test_bad_settings_are_refused_with_the_allowed_values(tmp_path):
