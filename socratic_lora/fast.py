@@ -26,9 +26,10 @@ Each technique is one switch of `FastSettings`, so each can be measured on its o
   moves each checkpointed layer's input to pinned CPU memory until backward.
 - `compile`: torch.compile for the element-wise parts (loss chunk, RMSNorm, GELU * up).
 - `dequant="torch"` (with compile="layers"): the 4-bit weights are unpacked with plain
-  torch operations inside an autograd function (`_Linear4bit`) instead of bitsandbytes'
-  Python-dispatched ops, so the compiled decoder layer becomes one graph of fused kernels and
-  cuBLAS calls; the dequantised weight is not kept for backward but recomputed there.
+  torch operations instead of bitsandbytes' Python-dispatched ops, so the compiled decoder
+  layer becomes one graph of fused kernels and cuBLAS calls. The 16-bit weight is never kept
+  for backward: it is unpacked again there (eager: `_Linear4bit`; compiled: a checkpointed
+  region, which the compiler's partitioner must recompute).
 
 Correctness: tests/test_fast.py (CPU) checks the chunked loss and its gradients against the
 model's own loss; bench/perf.py compares the first-step loss and the LoRA gradients of each
@@ -421,16 +422,19 @@ def _unpack(packed, absmax, code, code2, absmax2, offset, meta, dtype):
     return dequantize_4bit_torch(packed, absmax, code, blocksize, shape, dtype, nested)
 
 
+def _dequant_matmul(x, packed, absmax, code, code2, absmax2, offset, meta):
+    return x @ _unpack(packed, absmax, code, code2, absmax2, offset, meta, x.dtype).t()
+
+
 class _Linear4bit(torch.autograd.Function):
     """y = x @ dequant(W).T; backward dequantises again instead of saving the weight
     (saving it would keep a 16-bit copy of every layer's weights for backward)."""
 
     @staticmethod
     def forward(ctx, x, packed, absmax, code, code2, absmax2, offset, meta):
-        w = _unpack(packed, absmax, code, code2, absmax2, offset, meta, x.dtype)
         ctx.save_for_backward(packed, absmax, code, code2, absmax2, offset)
         ctx.meta = meta
-        return x @ w.t()
+        return _dequant_matmul(x, packed, absmax, code, code2, absmax2, offset, meta)
 
     @staticmethod
     def backward(ctx, grad):
@@ -440,12 +444,8 @@ class _Linear4bit(torch.autograd.Function):
         return (grad @ w,) + (None,) * 7
 
 
-def _dequant_matmul(x, packed, absmax, code, code2, absmax2, offset, meta):
-    return x @ _unpack(packed, absmax, code, code2, absmax2, offset, meta, x.dtype).t()
-
-
 def _linear4bit_forward(self, x):
-    """Forward of a bitsandbytes Linear4bit through `_Linear4bit`: one function for every
+    """Forward of a bitsandbytes Linear4bit with torch unpacking: one function for every
     module (read from `self`), so one compiled graph serves all layers of a shape."""
     tensors, meta = _quant_parts(self.weight.quant_state)
     dt = x.dtype
@@ -466,8 +466,8 @@ def _linear4bit_forward(self, x):
 
 
 def _patch_linear4bit(lm):
-    """Route every bitsandbytes Linear4bit through `_Linear4bit` (peft's LoRA wrappers call
-    their base layer, so the adapters stay as they are). Returns the number patched."""
+    """Route every bitsandbytes Linear4bit through `_linear4bit_forward` (peft's LoRA wrappers
+    call their base layer, so the adapters stay as they are). Returns the number patched."""
     try:
         import bitsandbytes as bnb
     except ImportError:
