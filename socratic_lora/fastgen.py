@@ -16,7 +16,8 @@ an object with the `update` method transformers' attention calls; it writes the 
 and values into fixed buffers at a slot held in a tensor, so a replayed graph writes to
 the next slot. The mask is built from the slot inside the graph (causal, sliding window for
 Gemma's local layers, left padding). The graph is kept for the next call with the same
-batch size, cache bucket and sampling settings.
+batch size, cache bucket, sampling settings and adapter state (enabled/disabled, active
+adapters); anything else that changes the model's Python control flow needs a new FastDecoder.
 
 Supported: the model types in SUPPORTED (tested against `model.generate` on tiny models in
 tests/test_fastgen.py: greedy tokens are identical). Others raise NotImplementedError; use
@@ -157,8 +158,20 @@ class FastDecoder:
         st["t"].add_(1)
 
     # --- buffers ----------------------------------------------------------------------------
+    def _signature(self):
+        """What a recorded graph silently bakes in besides shapes: the training flag and which
+        LoRA adapters run (peft's `disable_adapter()` or `set_adapter` change Python control
+        flow, which a replay would ignore)."""
+        sig = [self.model.training]
+        for mod in self.lm.modules():          # peft's adapter layers (LoraLayer and kin)
+            disabled = getattr(mod, "disable_adapters", None)
+            if isinstance(disabled, bool):
+                active = getattr(mod, "active_adapters", ())
+                sig.append((disabled, (active,) if isinstance(active, str) else tuple(active)))
+        return tuple(sig)
+
     def _buffers(self, batch, capacity, sampling, eos, max_new):
-        key = (batch, capacity, sampling, eos, max_new)
+        key = (batch, capacity, sampling, eos, max_new, self._signature())
         if self._state is not None and self._state["key"] == key:
             return self._state, True
         self._state = None                     # free the old graph and cache first

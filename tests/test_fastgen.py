@@ -129,6 +129,31 @@ def test_peft_lora_model(tmp_path):
     assert torch.equal(got, ref)
 
 
+def test_adapter_state_is_part_of_the_recorded_step():
+    """A replayed CUDA graph ignores Python control flow, so switching the adapter off (as the
+    evaluation does for its base systems) must record a new step, not reuse the old one."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(1)
+    model = get_peft_model(_model("gemma2"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                         init_lora_weights=False))
+    model.eval()
+    ids, mask = _prompts(2, 8)
+    dec = FastDecoder(model)
+    tuned = dec.generate(ids, mask, max_new_tokens=10)
+    tuned_state = dec._state
+    with model.disable_adapter():
+        base = dec.generate(ids, mask, max_new_tokens=10)
+        assert dec._state is not tuned_state
+        with torch.no_grad():
+            ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10,
+                                 min_new_tokens=10, do_sample=False, pad_token_id=0,
+                                 eos_token_id=None)[:, 8:]
+    assert torch.equal(base, ref) and not torch.equal(base, tuned)
+    base_state = dec._state
+    assert torch.equal(dec.generate(ids, mask, max_new_tokens=10), tuned)
+    assert dec._state is not base_state
+
+
 def test_refusals():
     from transformers import AutoModelForCausalLM, GPTNeoXConfig
     neox = AutoModelForCausalLM.from_config(GPTNeoXConfig(
