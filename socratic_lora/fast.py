@@ -391,7 +391,8 @@ def _blockwise(values, absmax, blocksize):
 def dequantize_4bit_torch(packed, absmax, code, blocksize, shape, dtype, nested=None):
     """bitsandbytes' 4-bit format (NF4 or FP4) unpacked with torch ops only.
 
-    packed: uint8, two 4-bit indices per byte, the high nibble first, row-major over `shape`;
+    packed: two 4-bit indices per byte, the high nibble first, row-major over `shape` (any
+    storage dtype: bitsandbytes' `quant_storage` may hold the bytes as bf16, fp16, fp32, int8);
     code: the 16 values of the data type; absmax: float32 per block of `blocksize` values, or
     (double quantization) uint8 indices into `nested = (code2, absmax2, blocksize2, offset)`.
     Equals `bitsandbytes.functional.dequantize_4bit` (tests/test_fast.py)."""
@@ -400,7 +401,7 @@ def dequantize_4bit_torch(packed, absmax, code, blocksize, shape, dtype, nested=
         absmax = _blockwise(code2.float()[absmax.reshape(-1).long()], absmax2.float(),
                             blocksize2) + offset
     n = math.prod(shape)
-    p = packed.reshape(-1)
+    p = packed.reshape(-1).view(torch.uint8)   # the bytes, whatever `quant_storage` holds them
     idx = torch.stack((p >> 4, p & 15), dim=-1).reshape(-1)[:n].long()
     return _blockwise(code.float()[idx], absmax.float(), blocksize).view(shape).to(dtype)
 

@@ -193,9 +193,12 @@ class FastDecoder:
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 128,
                  eos_token_id=None, pad_token_id: int = 0, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+                 temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None):
         """New tokens [B, max_new_tokens] for left-padded prompts (greedy unless do_sample);
-        rows that produced an eos token are padded with pad_token_id after it."""
+        rows that produced an eos token are padded with pad_token_id after it. Sampling
+        settings left as None come from the model's generation_config, as in `generate`
+        (transformers' defaults: temperature 1.0, top_k 50, top_p 1.0)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
         input_ids = input_ids.to(self.device)
@@ -218,7 +221,16 @@ class FastDecoder:
             capacity = min(capacity, max(limit, need))
         eos = None if eos_token_id is None else tuple(
             [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
-        sampling = (float(temperature), int(top_k), float(top_p)) if do_sample else None
+        sampling = None
+        if do_sample:
+            gc = getattr(self.lm, "generation_config", None)
+
+            def pick(value, name, unset):
+                value = getattr(gc, name, None) if value is None else value
+                return unset if value is None else value
+            # unset in the model too: transformers' own defaults for generate
+            sampling = (float(pick(temperature, "temperature", 1.0)),
+                        int(pick(top_k, "top_k", 50)), float(pick(top_p, "top_p", 1.0)))
         st, reused = self._buffers(B, capacity, sampling, eos, max_new_tokens)
 
         # prefill (eager): the prompt into slots 0..L-1

@@ -173,11 +173,6 @@ def test_sampling_frequencies_follow_the_renormalised_nucleus():
     assert 0.5 * (freq - q).abs().sum() < 0.06            # total variation distance
 
 
-@pytest.mark.xfail(strict=True, reason="generate._fast_decoder / FastDecoder.generate: sampling "
-                   "keys missing from the settings default to top_k=0, top_p=1.0, while "
-                   "model.generate takes them from model.generation_config (top_k=50 by "
-                   "default): reply_batch(do_sample=True) samples from another distribution "
-                   "with fast=True (GPU default) than with fast=False")
 def test_reply_batch_fast_sampling_uses_the_same_defaults_as_generate():
     from socratic_lora.generate import _fast_decoder
     model = _model("gemma2")
@@ -237,18 +232,13 @@ def test_torch_dequant_output_dtypes(dtype, quant_type, nested):
 
 
 def test_torch_dequant_int8_storage():
-    """int8 bytes >= 128 are negative: p >> 4 is an arithmetic shift there (the result is
-    still right because code[-k] == code[16 - k]); pinned so a change does not break it."""
+    """int8 storage: bytes >= 128 are negative numbers; the unpacking reads them as uint8."""
     _roundtrip((64, 128), 64, "nf4", True, torch.bfloat16, storage=torch.int8)
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="fast.dequantize_4bit_torch shifts `packed` as stored: with "
-                   "bnb_4bit_quant_storage bfloat16/float16/float32 (quant.QuantSettings."
-                   "storage_dtype, for FSDP) `p >> 4` raises 'rshift_cpu not implemented'; "
-                   "fix: p = packed.reshape(-1).view(torch.uint8)")
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16, torch.float32])
 def test_torch_dequant_float_storage(storage):
+    """quant_storage bf16/fp16/fp32 (QuantSettings.storage_dtype, for FSDP) holds the same bytes."""
     _roundtrip((64, 128), 64, "nf4", False, torch.bfloat16, storage=storage)
 
 
@@ -297,10 +287,6 @@ def test_linear4bit_torch_forward_with_bias_and_compute_dtypes(bias, compute_dty
     assert lin.compute_dtype == compute_dtype
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="fast._linear4bit_forward -> dequantize_4bit_torch cannot unpack a "
-                   "Linear4bit whose quant_storage is bfloat16 (see test_torch_dequant_float_"
-                   "storage); _patch_linear4bit patches it anyway")
 def test_linear4bit_torch_forward_bfloat16_storage():
     from socratic_lora.fast import _patch_linear4bit
     lin = _linear4bit(False, torch.bfloat16, storage=torch.bfloat16)
