@@ -50,8 +50,6 @@ class _StaticCache:
     """What a transformers attention layer needs from a cache: `update` writes the new keys
     and values at `self.slots` (a tensor of cache positions) and returns the whole buffers."""
 
-    is_compileable = True
-
     def __init__(self, k, v):
         self.k, self.v, self.slots = k, v, None
 

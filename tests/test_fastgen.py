@@ -25,8 +25,9 @@ def _model(kind, window=None):
         cfg = LlamaConfig(**common)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    with torch.no_grad():      # make the logits spread out: fewer near-ties in argmax
-        model.lm_head.weight.mul_(8.0) if not cfg.tie_word_embeddings else None
+    if not cfg.tie_word_embeddings:      # spread the logits out: fewer near-ties in argmax
+        with torch.no_grad():
+            model.lm_head.weight.mul_(8.0)
     return model
 
 
