@@ -60,7 +60,11 @@ class FastSettings:
     checkpoint: str | int | float = "all"  # all | none | keep | number of layers | share 0..1
     offload: bool = False            # checkpointed layer inputs wait in pinned CPU memory
     compile: bool | str = False      # True: compile the element-wise parts; "layers": each
-                                     # decoder layer (regional compilation, no fused_ops)
+                                     # decoder layer (regional compilation, no fused_ops);
+                                     # "model": the whole decoder stack as one graph
+    compile_mode: str | None = None  # torch.compile mode for "layers"/"model" (None: default;
+                                     # "reduce-overhead": CUDA graphs, with "model" only: per
+                                     # layer they re-record every call, docs/performance.md)
     dequant: str = "bnb"             # bnb | torch (4-bit unpacking traced by torch.compile)
 
     @classmethod
@@ -356,7 +360,20 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 _compiled_layer_forward = {}
 
 
-def _make_offload_checkpoint(layer, compile_inner=False):
+def _compile_kwargs(s: FastSettings) -> dict:
+    """torch.compile arguments for compile='layers'/'model'.
+
+    dynamic=None (torch's automatic dynamic shapes): the first shape is compiled static;
+    when a second sequence length arrives, the layer is compiled once more with the length
+    symbolic, and that graph serves every later length. dynamic=False would compile anew
+    for every padded length of real data (up to the cache limit, then run eager); packed
+    rows (`packing: true`) have one shape and never recompile.
+    (Inductor's cpp_wrapper, which would launch kernels from C++, fails on the 4-bit
+    unpacking kernel in torch 2.11: not offered.)"""
+    return {"dynamic": None, "mode": s.compile_mode}
+
+
+def _make_offload_checkpoint(layer, compile_inner=False, compile_kwargs=None):
     buffers = {}
 
     def checkpoint_fn(run, hidden, *args):
@@ -365,9 +382,11 @@ def _make_offload_checkpoint(layer, compile_inner=False):
         if compile_inner and hasattr(run, "func"):
             # Compile the layer's computation, not the offloading around it (one compiled
             # function for all layers: parameters are graph inputs).
-            fn = _compiled_layer_forward.get(run.func)
+            key = (run.func, repr(compile_kwargs))
+            fn = _compiled_layer_forward.get(key)
             if fn is None:
-                fn = _compiled_layer_forward[run.func] = torch.compile(run.func, dynamic=False)
+                fn = _compiled_layer_forward[key] = torch.compile(
+                    run.func, **(compile_kwargs or {}))
             run = functools.partial(fn, *run.args, **run.keywords)
         key = (tuple(hidden.shape), hidden.dtype)
         if hidden.device.type == "cuda" and key not in buffers:
@@ -525,6 +544,9 @@ def _patch_loss(lm, s: FastSettings):
         num_items = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
         kwargs.pop("ignore_index", None)
+        if s.compile_mode in ("reduce-overhead", "max-autotune") and torch.is_grad_enabled():
+            # CUDA graphs: the previous step's outputs are no longer needed (its backward ran).
+            torch.compiler.cudagraph_mark_step_begin()
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, inputs_embeds=inputs_embeds,
                          use_cache=False, **kwargs)
@@ -591,7 +613,7 @@ def _set_checkpointing(lm, s: FastSettings):
         layer.gradient_checkpointing = i in chosen
         if i in chosen and s.offload:
             layer._gradient_checkpointing_func = _make_offload_checkpoint(
-                layer, compile_inner=s.compile == "layers")
+                layer, compile_inner=s.compile == "layers", compile_kwargs=_compile_kwargs(s))
     if chosen and s.offload:
         # The offloaded checkpoint is an autograd Function: it is only differentiated when
         # its input requires grad, so the embedding output must (cheap: one [B, S, H] copy).
@@ -605,8 +627,20 @@ def apply_fast_path(model, settings: FastSettings | str = "speed"):
     Returns the same model with `model.fast_settings` and `model.fast_report` (what was
     changed). Call after `get_peft_model` (LoRA dropout is the adapter's own setting)."""
     s = FastSettings.preset(settings) if isinstance(settings, str) else settings
+    # Every setting is checked before the model is touched.
     if s.attention not in ("flex", "eager"):
         raise ValueError(f"attention={s.attention!r}: use flex or eager")
+    if s.dequant not in ("bnb", "torch"):
+        raise ValueError(f"dequant={s.dequant!r}: use bnb or torch")
+    if s.compile not in (False, True, "layers", "model"):
+        raise ValueError(f"compile={s.compile!r}: use False, True, 'layers' or 'model'")
+    if s.compile_mode not in (None, "default", "reduce-overhead", "max-autotune",
+                              "max-autotune-no-cudagraphs"):
+        raise ValueError(f"compile_mode={s.compile_mode!r}: use None, 'default', "
+                         "'reduce-overhead', 'max-autotune' or 'max-autotune-no-cudagraphs'")
+    if s.compile == "model" and s.offload and s.checkpoint != "none":
+        raise ValueError("compile='model' traces the whole decoder stack in one graph; "
+                         "offloaded checkpoints need compile='layers' (or offload=False)")
     lm = _causal_lm(model)
     report = {}
     if s.attention == "flex":
@@ -615,15 +649,16 @@ def apply_fast_path(model, settings: FastSettings | str = "speed"):
         else:
             lm.config._attn_implementation = "flex_attention"
         report["attention"] = lm.config._attn_implementation
-    if s.fused_ops and s.compile != "layers":
+    if s.fused_ops and s.compile not in ("layers", "model"):   # the compiler fuses them
         report["fused_norms"], report["fused_mlps"] = _patch_fused(lm, s)
-    if s.dequant not in ("bnb", "torch"):
-        raise ValueError(f"dequant={s.dequant!r}: use bnb or torch")
     if s.dequant == "torch":
         report["linear4bit_torch"] = _patch_linear4bit(lm)
     report["checkpointed_layers"] = _set_checkpointing(lm, s)
-    if s.compile not in (False, True, "layers"):
-        raise ValueError(f"compile={s.compile!r}: use False, True or 'layers'")
+    if s.compile == "model":
+        # One graph (forward and backward) for embedding, masks, all layers and the final
+        # norm: no guards, wrappers or autograd nodes per layer on the host.
+        lm.model.compile(**_compile_kwargs(s))
+        report["compiled_model"] = type(lm.model).__name__
     if s.compile == "layers":
         import torch._dynamo
         # One compiled graph serves all layers of a kind (parameters are graph inputs);
@@ -631,7 +666,7 @@ def apply_fast_path(model, settings: FastSettings | str = "speed"):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for layer in _decoder_layers(lm):
             if not (s.offload and layer.gradient_checkpointing):   # else: inside the offload
-                layer.compile(dynamic=False)
+                layer.compile(**_compile_kwargs(s))
         report["compiled_layers"] = len(_decoder_layers(lm))
     if s.chunked_ce:
         _patch_loss(lm, s)

@@ -140,6 +140,19 @@ def test_bad_settings_are_refused_with_the_allowed_values(tmp_path):
         FastSettings.preset("fastest")
     with pytest.raises(ValueError, match="checkpoint=99"):
         apply_fast_path(_tiny_lora(), FastSettings(attention="eager", checkpoint=99))
+    model = _tiny_lora()
+    before = model.get_base_model().config._attn_implementation
+    for bad, match in ((dict(compile="everything"), "compile='everything': use False, True, "
+                                                    "'layers' or 'model'"),
+                       (dict(compile="layers", compile_mode="fast"), "compile_mode='fast'"),
+                       (dict(compile="model", checkpoint="all", offload=True),
+                        "offloaded checkpoints need compile='layers'")):
+        with pytest.raises(ValueError, match=match):
+            apply_fast_path(model, FastSettings(**bad))
+        # refused before anything was changed: attention, loss and layers as they were
+        assert model.get_base_model().config._attn_implementation == before
+        assert not hasattr(model.get_base_model(), "_socratic_original_forward")
+        assert not hasattr(model, "fast_settings")
     from socratic_lora.train import load_settings
     cfg = tmp_path / "c.yaml"
     cfg.write_text("mode: turbo\n")
@@ -253,4 +266,75 @@ def test_torch_dequant_path_equals_bitsandbytes_and_compiles_without_graph_break
     assert abs(loss - ref_loss) < 1e-6
     for n in ref:
         assert torch.allclose(got[n], ref[n], rtol=1e-2, atol=1e-6), n
+    torch._dynamo.reset()
+
+
+def test_compiled_layers_do_not_recompile_for_every_sequence_length(monkeypatch):
+    """Real batches are padded to their longest example, so the length changes from step to
+    step: the layers are compiled static once, then once with the length symbolic, and no
+    more (with dynamic=False every new length was a new compilation)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+    count = CompileCounterWithBackend("aot_eager")
+    original = torch.nn.Module.compile
+
+    def counted(self, *args, **kwargs):
+        kwargs.pop("mode", None)
+        return original(self, *args, backend=count, **kwargs)
+    monkeypatch.setattr(torch.nn.Module, "compile", counted)
+    torch._dynamo.reset()
+    model = apply_fast_path(_tiny_lora(), FastSettings(attention="eager", checkpoint="none",
+                                                       compile="layers", ce_chunk=16))
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for n in (24, 32, 40, 16, 48, 56):
+        ids = torch.randint(3, VOCAB, (2, n), generator=g)
+        model.zero_grad()
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+    # 3 layers of one kind (Gemma 2 alternates sliding and global: two kinds), each compiled
+    # static for the first length and dynamic for the second; the other four lengths reuse.
+    assert count.frame_count <= 4, count.frame_count
+    assert all(l == l for l in losses)
+    torch._dynamo.reset()
+
+
+def test_compile_model_traces_the_whole_stack_with_the_same_loss_and_gradients(monkeypatch):
+    """compile='model': the decoder stack is one compiled frame without graph breaks, and
+    loss and LoRA gradients equal the uncompiled fast path."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, VOCAB, (2, 24), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    # fused_ops off in both: compile='model' leaves the norms to the compiler, and the
+    # model's own RMSNorm works in float32 where ours keeps float64.
+    plain = FastSettings(attention="eager", ce_chunk=5, checkpoint="none", fused_ops=False)
+    ref_loss, ref = _loss_and_lora_grads(apply_fast_path(_tiny_lora(), plain), batch)
+    count = CompileCounterWithBackend("aot_eager")
+    original = torch.nn.Module.compile
+    compiled = []
+
+    def counted(self, *args, **kwargs):
+        kwargs.pop("mode", None)
+        compiled.append(type(self).__name__)
+        return original(self, *args, backend=count, **kwargs)
+    monkeypatch.setattr(torch.nn.Module, "compile", counted)
+    torch._dynamo.reset()
+    counters.clear()
+    model = apply_fast_path(_tiny_lora(), plain.replace(compile="model"))
+    assert compiled == ["Gemma2Model"] and model.fast_report["compiled_model"] == "Gemma2Model"
+    for _ in range(2):
+        loss, got = _loss_and_lora_grads(model, batch)
+    # One graph holds the whole stack (transformers' forward wrapper adds an empty frame).
+    graphs = [len(gm.graph.nodes) for gm in count.graphs]
+    assert len([n for n in graphs if n]) == 1 and max(graphs) > 100, graphs
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # (the loss chunks are then compiled with inductor: equal to ~1e-9, not bit-equal)
+    assert abs(loss - ref_loss) < 1e-7
+    for n in ref:
+        err = (got[n] - ref[n]).norm() / ref[n].norm()
+        assert err < 1e-8, (n, err.item())
     torch._dynamo.reset()
