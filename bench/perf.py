@@ -20,6 +20,14 @@ Each mode: fresh model, `--warmup` untimed steps (compilation), then `--steps` t
 fixed random token batches (identical for every mode; all tokens labelled unless
 --label-frac). Prints a table and appends one JSON line per mode to --out.
 
+--data dialogues: the lengths and tutor-label spans of the shipped training dialogues
+(bench/data/train_shapes.json, made by bench/dialogue_shapes.py; 162-493 tokens) with random
+ids, batched as the pipeline does: `--batch` dialogues a step in length-grouped order, each
+batch padded to its longest (multiple of 8); a mode with `packing=N` packs them into rows of
+N tokens instead (prepare.pack_examples, PackedCollator; `packing=1`: N = --seq), batch x seq / N
+rows a step (the same number of token slots). tokens/s then counts real
+tokens only (all timed steps' tokens over their total time), so padding is not counted as work.
+
 MFU = tokens/s x FLOPs per token / measured bf16 (or fp16) matmul rate, where FLOPs per
 token = 2 x forward + 6 x LoRA parameters, forward = 2 x (linear weights of the decoder +
 output matrix) + 4 x S x heads x head_dim x layers (attention scores and values, full S x S).
@@ -38,6 +46,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -76,6 +85,25 @@ def batches(n, batch, seq, vocab, label_frac, seed=0):
         out.append({"input_ids": ids, "attention_mask": [1] * seq,
                     "labels": [-100] * cut + ids[cut:]})
     return out
+
+
+def dialogue_examples(path, vocab, batch, seed=0):
+    """The shipped dialogues' shapes with random ids, in the order of transformers'
+    length-grouped sampler (shuffled, then sorted longest first within 50-batch groups)."""
+    import random
+    shapes = json.loads(Path(path).read_text())["examples"]
+    rnd = random.Random(seed)
+    out = []
+    for n, spans in shapes:
+        ids = [rnd.randrange(3, vocab) for _ in range(n)]
+        labels = [-100] * n
+        for a, b in spans:
+            labels[a:b] = ids[a:b]
+        out.append({"input_ids": ids, "attention_mask": [1] * n, "labels": labels})
+    rnd.shuffle(out)
+    group = 50 * batch
+    return [e for i in range(0, len(out), group)
+            for e in sorted(out[i:i + group], key=lambda e: -len(e["input_ids"]))]
 
 
 def flops_per_token(config, seq, n_lora):
@@ -175,8 +203,9 @@ from transformers import TrainerCallback  # noqa: E402
 class Timer(TrainerCallback):
     """Synchronised wall time at the end of every step; optionally profiles one step."""
 
-    def __init__(self, profile_step=None, profile_path=None):
+    def __init__(self, profile_step=None, profile_path=None, collator=None):
         self.ends, self.profile_step, self.profile_path, self.prof = [], profile_step, profile_path, None
+        self.collator, self.tokens = collator, []     # real tokens seen at each step's end
 
     def on_step_begin(self, args, state, control, **kw):
         if self.profile_step is not None and state.global_step == self.profile_step:
@@ -187,9 +216,13 @@ class Timer(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         sync()
         self.ends.append(time.perf_counter())
+        self.tokens.append(getattr(self.collator, "tokens", 0))
         if self.prof is not None:
             self.prof.__exit__(None, None, None)
-            table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
+            averages = self.prof.key_averages()
+            table = averages.table(sort_by="self_cuda_time_total", row_limit=30) + \
+                "\n\nSorted by host (CPU) time:\n" + \
+                averages.table(sort_by="cpu_time_total", row_limit=40)
             Path(self.profile_path).write_text(table)
             print(table[:6000])
             self.prof = None
@@ -198,16 +231,30 @@ class Timer(TrainerCallback):
 def run_mode(a, text, data, world, local_rank, peak_tflops):
     from transformers import Trainer, TrainingArguments
 
-    from socratic_lora.prepare import Collator
+    from socratic_lora.prepare import Collator, PackedCollator, pack_examples
 
     base, changes = parse_mode(text)
+    packing = changes.pop("packing", 0)
+    packing = a.seq if packing is True else int(packing)     # packing=1: rows of --seq
+    batch = a.batch
+    if packing:
+        data, packed = pack_examples(data, packing)
+        collator = PackedCollator(0, length=packing)
+        batch = max(1, a.batch * a.seq // packing)           # the same tokens a step
+        print(packed, flush=True)
+    else:
+        collator = Collator(0)
+    if len(data) < (a.warmup + a.steps) * batch:
+        raise SystemExit(f"{text}: {len(data)} rows make fewer than --warmup + --steps = "
+                         f"{a.warmup + a.steps} batches of {batch}")
+    torch._dynamo.reset()        # no compiled code carried over from the previous mode
     gc.collect()
     if CUDA:
         torch.cuda.empty_cache()
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
     t_load = time.perf_counter()
-    per_device = a.batch // world
+    per_device = batch // world
     common = dict(per_device_train_batch_size=per_device, max_steps=a.warmup + a.steps,
                   learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0,
                   logging_steps=1, save_strategy="no", report_to="none",
@@ -233,8 +280,9 @@ def run_mode(a, text, data, world, local_rank, peak_tflops):
     load_s = time.perf_counter() - t_load
     weights_gib = mem("memory_allocated", local_rank)
     profile_step = a.warmup + 1 if a.profile and text in a.profile.split(";") else None
-    timer = Timer(profile_step, os.path.join(a.profile_dir, f"profile_{len(a._done)}.txt"))
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=Collator(0),
+    timer = Timer(profile_step, os.path.join(a.profile_dir, f"profile_{len(a._done)}.txt"),
+                  collator)
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator,
                       callbacks=[timer])
     t0 = time.perf_counter()
     trainer.train()
@@ -244,12 +292,25 @@ def run_mode(a, text, data, world, local_rank, peak_tflops):
         if a.warmup >= 1 else [b - e for e, b in zip(timer.ends, timer.ends[1:])]
     step_s = statistics.median(steps)
     tokens = a.batch * a.seq
+    first = a.warmup - 1 if a.warmup >= 1 else 0
+    real = timer.tokens[-1] - timer.tokens[first]         # real tokens of the timed steps
+    if a.data == "dialogues":       # padding is no work: real tokens over the timed time
+        tokens_per_s = real / sum(steps)
+    else:
+        tokens_per_s = tokens / step_s
+
+    def padded(i):                  # tokens of batch i after padding (the collators' rule)
+        rows = data[i * per_device:(i + 1) * per_device]
+        longest = max(len(r["input_ids"]) for r in rows)
+        return len(rows) * (packing if packing else -(-longest // 8) * 8)
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fpt = flops_per_token(model.config, a.seq, n_lora)
     row = {
         "mode": text, "bits": a.bits, "dtype": a.dtype, "batch": a.batch, "seq": a.seq,
         "world_size": world, "placement": a.placement, "label_frac": a.label_frac,
-        "tokens_per_s": round(tokens / step_s), "step_s": round(step_s, 4),
+        "data": a.data, "packing": packing, "rows_per_step": batch,
+        "tokens_per_s": round(tokens_per_s), "step_s": round(step_s, 4),
+        "real_token_share": round(real / sum(padded(i) for i in range(first + 1, a.warmup + a.steps)), 4),
         "step_s_min": round(min(steps), 4), "step_s_max": round(max(steps), 4),
         "timed_steps": len(steps),
         "peak_gib": round(mem("max_memory_allocated", local_rank), 3),
@@ -257,7 +318,7 @@ def run_mode(a, text, data, world, local_rank, peak_tflops):
         "weights_gib": round(weights_gib, 3),
         "first_loss": losses[0] if losses else None, "losses": losses[:5],
         "finite": all(l == l and abs(l) != float("inf") for l in losses),
-        "flops_per_token": fpt, "mfu": round(tokens / step_s * fpt / (peak_tflops * 1e12), 4),
+        "flops_per_token": fpt, "mfu": round(tokens_per_s * fpt / (peak_tflops * 1e12), 4),
         "matmul_peak_tflops": round(peak_tflops, 1), "load_s": round(load_s, 1),
         "warmup_and_train_wall_s": round(wall, 1),
         "fast": {k: v for k, v in vars(getattr(model, "fast_settings", {})).items()}
@@ -330,6 +391,9 @@ def main(argv=None):
                    default="single", help="cpu: a smoke run of the code, not a measurement")
     p.add_argument("--steps", type=int, default=6, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    p.add_argument("--data", choices=("random", "dialogues"), default="random",
+                   help="random full-length rows, or the shipped dialogues' lengths and labels")
+    p.add_argument("--shapes", default=str(Path(__file__).parent / "data" / "train_shapes.json"))
     p.add_argument("--label-frac", type=float, default=1.0,
                    help="share of each sequence that carries labels (the tail)")
     p.add_argument("--check-grads", default=None,
@@ -348,7 +412,10 @@ def main(argv=None):
         torch.cuda.set_device(local_rank)
     from transformers import AutoConfig
     vocab = AutoConfig.from_pretrained(a.model).vocab_size
-    data = batches(a.warmup + a.steps, a.batch, a.seq, vocab, a.label_frac)
+    if a.data == "dialogues":
+        data = dialogue_examples(a.shapes, vocab, a.batch)
+    else:
+        data = batches(a.warmup + a.steps, a.batch, a.seq, vocab, a.label_frac)
     peak = matmul_peak(dtype_of(a.dtype)) if CUDA else 1.0   # CPU: a smoke run only
     if local_rank == 0:
         print(f"{device_name(0)}: measured {a.dtype} matmul peak {peak:.0f} TFLOP/s",

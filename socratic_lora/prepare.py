@@ -11,6 +11,7 @@ kept and a count of what it removed and why.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import re
 import unicodedata
@@ -204,6 +205,105 @@ class Collator:
         self.tokens += sum(len(b["input_ids"]) for b in batch)
         return {"input_ids": pad("input_ids", self.pad_id),
                 "attention_mask": pad("attention_mask", 0), "labels": pad("labels", IGNORE)}
+
+
+# --- packing: several examples in one row, each attending only to itself -----------------
+@dataclass
+class Packed:
+    """What `pack_examples` did: examples in, rows out, and how full the rows are."""
+    examples: int
+    rows: int
+    length: int
+    tokens: int
+
+    @property
+    def fill(self) -> float:
+        return self.tokens / (self.rows * self.length) if self.rows else 0.0
+
+    def __str__(self):
+        return (f"packing: {self.examples} examples into {self.rows} rows of {self.length} "
+                f"tokens ({self.fill:.0%} real tokens, the rest padding)")
+
+
+def pack_examples(examples, length: int):
+    """Pack tokenised examples into rows of at most `length` tokens (best fit, longest first).
+
+    No example is cut or dropped: each one lies whole in one row. A row carries
+    `position_ids` that restart at 0 for every example; given position ids and no attention
+    mask, transformers (>= 4.5x) builds a mask in which each example attends only to itself
+    (eager, sdpa, flex), when the model runs without a KV cache (`config.use_cache=False`, as
+    `models.load_model` sets for training; with a cache it silently lets examples see each
+    other: tests/test_packing.py). The first label of every example is set to -100, so the last token of
+    one example is never trained to predict the first token of the next.
+    Returns (rows, Packed report)."""
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise ValueError(f"packing length={length!r}: give a positive number of tokens")
+    for i, ex in enumerate(examples):
+        if len(ex["input_ids"]) > length:
+            raise ValueError(
+                f"example {i} has {len(ex['input_ids'])} tokens, more than the packing length "
+                f"{length}: tokenise with max_length <= {length} (tokenize_examples) first")
+        if len(ex["labels"]) != len(ex["input_ids"]):
+            raise ValueError(f"example {i}: {len(ex['labels'])} labels for "
+                             f"{len(ex['input_ids'])} input ids")
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    bins: list[list[int]] = []
+    by_free: list[tuple[int, int]] = []   # (free tokens, row), sorted
+    for i in order:                       # best fit: the fullest row the example still fits in
+        n = len(examples[i]["input_ids"])
+        k = bisect.bisect_left(by_free, (n, -1))
+        if k == len(by_free):
+            bins.append([])
+            free, row = length, len(bins) - 1
+        else:
+            free, row = by_free.pop(k)
+        bins[row].append(i)
+        bisect.insort(by_free, (free - n, row))
+    rows = []
+    for members in bins:
+        members.sort()                    # the examples' original order inside a row
+        ids, labels, pos = [], [], []
+        for i in members:
+            ex = examples[i]
+            ids += ex["input_ids"]
+            labels += [IGNORE] + list(ex["labels"][1:])
+            pos += list(range(len(ex["input_ids"])))
+        rows.append({"input_ids": ids, "labels": labels, "position_ids": pos,
+                     "length": len(ids), "n_examples": len(members)})
+    rep = Packed(len(examples), len(rows), length, sum(r["length"] for r in rows))
+    return rows, rep
+
+
+class PackedCollator:
+    """Collates packed rows (or plain examples) without an attention mask: `position_ids`
+    restart at 0 for each example and the padding at the end of a row is a segment of its
+    own, so transformers masks every example off from the others and from the padding.
+    `length`: pad every packed row to this many tokens (one shape for every step: compiled
+    layers never see a new shape); None, and batches of plain examples (evaluation), pad to
+    the longest row of the batch."""
+
+    def __init__(self, pad_id: int, length: int | None = None, multiple_of: int = 8):
+        self.pad_id, self.length, self.multiple_of = pad_id, length, multiple_of
+        self.tokens = 0   # real (non-pad) tokens seen, for tokens/s in the report
+
+    def __call__(self, batch):
+        import torch
+
+        longest = max(len(b["input_ids"]) for b in batch)
+        packed = all("position_ids" in b for b in batch)   # else: plain (evaluation) examples
+        n = self.length if self.length is not None and packed else \
+            -(-longest // self.multiple_of) * self.multiple_of
+        if longest > n:
+            raise ValueError(f"a row of {longest} tokens does not fit the collator's length {n}")
+        ids, labels, pos = [], [], []
+        for b in batch:
+            k, pad = len(b["input_ids"]), n - len(b["input_ids"])
+            ids.append(list(b["input_ids"]) + [self.pad_id] * pad)
+            labels.append(list(b["labels"]) + [IGNORE] * pad)
+            pos.append(list(b.get("position_ids") or range(k)) + list(range(pad)))
+            self.tokens += k
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                "position_ids": torch.tensor(pos)}
 
 
 # --- helpers for reading the filters' decisions (appendix A) -----------------------------

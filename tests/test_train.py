@@ -47,6 +47,12 @@ def test_config_values_from_the_sources():
     ("lora_r: -4\n", "key 'lora_r': -4 must be a positive rank"),
     ("placement: everywhere\n", "key 'placement'"),
     ("gradient_checkpointing: 1\n", "key 'gradient_checkpointing': 1 is a int, expected bool"),
+    ("packing: yes please\n", "key 'packing': 'yes please' is a str, expected bool"),
+    ("packing: true\nmax_length: 512\npack_length: 256\n",
+     r"key 'pack_length': 256: give a whole number of tokens of at least max_length \(512\), "
+     r"e.g. 1024"),
+    ("packing: true\npack_length: long\n", "key 'pack_length': 'long'"),
+    ("pack_length: 2048\n", "key 'pack_length': is set but packing is false"),
     ("- a\n- b\n", "expected 'key: value' lines"),
     ("model: [unclosed\n", "not valid YAML"),
 ])
