@@ -584,23 +584,29 @@ def _patch_fused(lm, s: FastSettings):
     return n_norm, n_mlp
 
 
+def _checkpoint_choice(s: FastSettings, n: int) -> set[int] | None:
+    """The layers (of n) that `s.checkpoint` checkpoints; None for "keep"."""
+    if s.checkpoint == "keep":
+        return None
+    if s.checkpoint == "none":
+        return set()
+    if s.checkpoint == "all":
+        return set(range(n))
+    k = s.checkpoint
+    if isinstance(k, float) and 0.0 <= k <= 1.0:           # a share of the layers
+        k = max(1, round(k * n)) if k > 0 else 0
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+        raise ValueError(f"checkpoint={s.checkpoint!r}: use 'all', 'none', 'keep', a number "
+                         f"of layers from 0 to {n} or a share from 0.0 to 1.0")
+    # Spread evenly; peak memory does not depend on which layers, only on how many.
+    return {int(i * n / k) for i in range(k)} if k else set()
+
+
 def _set_checkpointing(lm, s: FastSettings):
     layers = _decoder_layers(lm)
-    if s.checkpoint == "keep":
+    chosen = _checkpoint_choice(s, len(layers))
+    if chosen is None:
         return [i for i, layer in enumerate(layers) if getattr(layer, "gradient_checkpointing", False)]
-    if s.checkpoint == "none":
-        chosen = set()
-    elif s.checkpoint == "all":
-        chosen = set(range(len(layers)))
-    else:
-        k = s.checkpoint
-        if isinstance(k, float) and 0.0 <= k <= 1.0:       # a share of the layers
-            k = max(1, round(k * len(layers))) if k > 0 else 0
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(layers):
-            raise ValueError(f"checkpoint={s.checkpoint!r}: use 'all', 'none', 'keep', a number "
-                             f"of layers from 0 to {len(layers)} or a share from 0.0 to 1.0")
-        # Spread evenly; peak memory does not depend on which layers, only on how many.
-        chosen = {int(i * len(layers) / k) for i in range(k)} if k else set()
     if chosen:
         kwargs = {"use_reentrant": False}
         if hasattr(lm, "activation_checkpointing_enable"):   # its name from transformers 5.2x
@@ -638,10 +644,11 @@ def apply_fast_path(model, settings: FastSettings | str = "speed"):
                               "max-autotune-no-cudagraphs"):
         raise ValueError(f"compile_mode={s.compile_mode!r}: use None, 'default', "
                          "'reduce-overhead', 'max-autotune' or 'max-autotune-no-cudagraphs'")
-    if s.compile == "model" and s.offload and s.checkpoint != "none":
+    lm = _causal_lm(model)
+    chosen = _checkpoint_choice(s, len(_decoder_layers(lm)))
+    if s.compile == "model" and s.offload and chosen:
         raise ValueError("compile='model' traces the whole decoder stack in one graph; "
                          "offloaded checkpoints need compile='layers' (or offload=False)")
-    lm = _causal_lm(model)
     report = {}
     if s.attention == "flex":
         if hasattr(lm, "set_attn_implementation"):
