@@ -193,7 +193,8 @@ class Collator:
 
     def __init__(self, pad_id: int, multiple_of: int = 8):
         self.pad_id, self.multiple_of = pad_id, multiple_of
-        self.tokens = 0   # real (non-pad) tokens seen, for tokens/s in the report
+        self.tokens = 0       # real (non-pad) tokens seen, for tokens/s in the report
+        self.counting = True  # off while evaluating (train.ReliableTrainer)
 
     def __call__(self, batch):
         import torch
@@ -202,7 +203,7 @@ class Collator:
         n = -(-n // self.multiple_of) * self.multiple_of
         def pad(key, value):
             return torch.tensor([b[key] + [value] * (n - len(b[key])) for b in batch])
-        self.tokens += sum(len(b["input_ids"]) for b in batch)
+        self.tokens += sum(len(b["input_ids"]) for b in batch) if self.counting else 0
         return {"input_ids": pad("input_ids", self.pad_id),
                 "attention_mask": pad("attention_mask", 0), "labels": pad("labels", IGNORE)}
 
@@ -239,6 +240,8 @@ def pack_examples(examples, length: int):
     if not isinstance(length, int) or isinstance(length, bool) or length < 1:
         raise ValueError(f"packing length={length!r}: give a positive number of tokens")
     for i, ex in enumerate(examples):
+        if not ex["input_ids"]:
+            raise ValueError(f"example {i} has no tokens: remove empty examples before packing")
         if len(ex["input_ids"]) > length:
             raise ValueError(
                 f"example {i} has {len(ex['input_ids'])} tokens, more than the packing length "
@@ -276,15 +279,18 @@ def pack_examples(examples, length: int):
 
 class PackedCollator:
     """Collates packed rows (or plain examples) without an attention mask: `position_ids`
-    restart at 0 for each example and the padding at the end of a row is a segment of its
-    own, so transformers masks every example off from the others and from the padding.
+    restart at 0 for each example, and every padding token has position 0 (a one-token
+    segment of its own, which also never runs past a learned position table), so
+    transformers masks every example off from the others and from the padding. Each batch
+    carries `use_cache=False`: with a cache, transformers does not look for packed rows.
     `length`: pad every packed row to this many tokens (one shape for every step: compiled
     layers never see a new shape); None, and batches of plain examples (evaluation), pad to
     the longest row of the batch."""
 
     def __init__(self, pad_id: int, length: int | None = None, multiple_of: int = 8):
         self.pad_id, self.length, self.multiple_of = pad_id, length, multiple_of
-        self.tokens = 0   # real (non-pad) tokens seen, for tokens/s in the report
+        self.tokens = 0       # real (non-pad) tokens seen, for tokens/s in the report
+        self.counting = True  # off while evaluating (train.ReliableTrainer)
 
     def __call__(self, batch):
         import torch
@@ -300,10 +306,10 @@ class PackedCollator:
             k, pad = len(b["input_ids"]), n - len(b["input_ids"])
             ids.append(list(b["input_ids"]) + [self.pad_id] * pad)
             labels.append(list(b["labels"]) + [IGNORE] * pad)
-            pos.append(list(b.get("position_ids") or range(k)) + list(range(pad)))
-            self.tokens += k
+            pos.append(list(b.get("position_ids") or range(k)) + [0] * pad)
+            self.tokens += k if self.counting else 0
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                "position_ids": torch.tensor(pos)}
+                "position_ids": torch.tensor(pos), "use_cache": False}
 
 
 # --- helpers for reading the filters' decisions (appendix A) -----------------------------

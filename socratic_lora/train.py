@@ -413,6 +413,18 @@ def reliable_trainer_class(base=None):
                     self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
             self.accelerator.wait_for_everyone()
 
+        def evaluation_loop(self, *args, **kwargs):
+            # The report's tokens/s counts training tokens: the collator stops counting here.
+            collator = self.data_collator
+            counting = getattr(collator, "counting", None)
+            if counting is not None:
+                collator.counting = False
+            try:
+                return super().evaluation_loop(*args, **kwargs)
+            finally:
+                if counting is not None:
+                    collator.counting = counting
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             every = self.accelerator.gather(loss.detach().float().reshape(1))   # all ranks stop
@@ -424,6 +436,54 @@ def reliable_trainer_class(base=None):
             return loss
 
     return ReliableTrainer
+
+
+# Model families whose packed batches tests/test_packing.py and test_packing_review.py
+# compare with their examples run one by one (transformers 5.x).
+PACKING_CHECKED = {"gemma2", "gemma3_text", "llama", "qwen2", "gpt_neox"}
+
+
+def check_packing(model) -> None:
+    """Refuse packing for a model that lets packed examples see each other.
+
+    transformers builds the per-example mask from restarting position ids only in the models
+    whose mask functions receive them (Gemma, Llama, Qwen, GPT-NeoX, ...); others (OPT, Bloom,
+    Falcon, ...) would silently train every example on its neighbours. Two tokens packed twice
+    ([a b a b], positions [0 1 0 1]) must give the second pair the outputs of [a b] alone, much
+    closer than the same tokens with positions [0 1 2 3] (which do see each other)."""
+    import torch
+
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) in PACKING_CHECKED:
+        return    # checked in tests/test_packing*.py; the probe would compile extra graphs
+    emb = model.get_input_embeddings()
+    device = emb.weight.device if emb is not None else next(model.parameters()).device
+    a, b = (min(10, emb.num_embeddings - 2), min(11, emb.num_embeddings - 1)) if emb is not None \
+        else (10, 11)
+    ids = torch.tensor([[a, b, a, b]], device=device)
+
+    def logits(n, pos):
+        out = model(input_ids=ids[:, :n], position_ids=torch.tensor([pos], device=device),
+                    use_cache=False)
+        return out.logits[0, -2:].float()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = logits(2, [0, 1])
+            packed = logits(4, [0, 1, 0, 1])
+            mixed = logits(4, [0, 1, 2, 3])
+    finally:
+        model.train(was_training)
+    d_packed = (packed - alone).abs().max().item()
+    d_mixed = (mixed - alone).abs().max().item()
+    if not d_packed <= 0.1 * d_mixed:
+        name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
+        raise ValueError(
+            f"packing: {name} lets packed examples see each other (outputs differ by "
+            f"{d_packed:.3g} from an example alone; {d_mixed:.3g} when they are not separated): "
+            "its attention mask ignores restarting position ids. Set packing: false for this "
+            "model. / このモデルはパッキングに対応していません。packing: false にしてください。")
 
 
 def train(s: TrainSettings, resume: bool = False, callbacks=None, overwrite: bool = False) -> dict:
@@ -452,16 +512,17 @@ def train(s: TrainSettings, resume: bool = False, callbacks=None, overwrite: boo
     if s.eval_data:
         eval_ex, eval_steps = prepare_data(s, tok, s.eval_data, read[s.eval_data])
         steps += eval_steps
-    out.mkdir(parents=True, exist_ok=True)
     n_train = len(train_ex)
     if s.packing:
         from .prepare import PackedCollator, pack_examples
+        check_packing(model)
         length = s.pack_length or s.max_length
         train_ex, packed = pack_examples(train_ex, length)
         steps.append(str(packed))
         collator = PackedCollator(tok.pad_token_id, length=length)
     else:
         collator = Collator(tok.pad_token_id)
+    out.mkdir(parents=True, exist_ok=True)
     args = training_arguments(s, model, eval_ex is not None)
     trainer = reliable_trainer_class()(
         model=model, args=args, train_dataset=datasets.Dataset.from_list(train_ex),
