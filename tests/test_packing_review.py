@@ -492,7 +492,8 @@ def test_padding_positions_stay_inside_the_models_position_table():
     cfg.use_cache = False
     cfg._attn_implementation = "eager"
     model = get_peft_model(AutoModelForCausalLM.from_config(cfg).double(),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                      fan_in_fan_out=True))   # GPT-2 Conv1D
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.5)
