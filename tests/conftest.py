@@ -45,6 +45,20 @@ def tiny_neox_config():
                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
 
 
+def random_examples(lengths, seed=0, prompt=3):
+    """Tokenised examples with random ids (as prepare.tokenize_examples returns them); the
+    first `prompt` labels (at most all but one) are -100, like a prompt the model reads."""
+    import random
+    rnd = random.Random(seed)
+    out = []
+    for n in lengths:
+        ids = [rnd.randrange(3, VOCAB) for _ in range(n)]
+        p = min(prompt, max(n - 1, 0))
+        out.append({"input_ids": ids, "attention_mask": [1] * n,
+                    "labels": [-100] * p + ids[p:], "length": n})
+    return out
+
+
 def save_tiny(config, path, seed=0):
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)

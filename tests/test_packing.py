@@ -1,26 +1,15 @@
 """Packing (prepare.pack_examples, PackedCollator): several examples per row, each attending
-only to itself. The model-level tests compare a packed batch with the same examples padded
-one per row: same loss, same LoRA gradients, for the plain model and the fast path."""
+only to itself. The model-level tests compare a packed batch with the same examples run one
+by one: same loss, same LoRA gradients, for the plain model and the fast path."""
 import random
 
 import pytest
 import torch
 
-from conftest import VOCAB, tiny_gemma2_config
+from conftest import VOCAB, random_examples as _examples, tiny_gemma2_config
 from socratic_lora.prepare import PackedCollator, pack_examples
 
 IGNORE = -100
-
-
-def _examples(lengths, seed=0, prompt=3):
-    rnd = random.Random(seed)
-    out = []
-    for n in lengths:
-        ids = [rnd.randrange(3, VOCAB) for _ in range(n)]
-        p = min(prompt, n - 1)
-        out.append({"input_ids": ids, "attention_mask": [1] * n,
-                    "labels": [IGNORE] * p + ids[p:], "length": n})
-    return out
 
 
 def test_every_example_lies_whole_in_one_row_in_its_order():

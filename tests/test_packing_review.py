@@ -12,22 +12,14 @@ import random
 import pytest
 import torch
 
-from conftest import VOCAB, tiny_gemma2_config, tiny_neox_config
+from conftest import VOCAB, random_examples, tiny_gemma2_config, tiny_neox_config
 from socratic_lora.prepare import Collator, PackedCollator, pack_examples
 
 IGNORE = -100
 
 
 def _examples(lengths, seed=0, prompt=2):
-    """Random examples; the first `prompt` labels (at most all but one) are -100."""
-    rnd = random.Random(seed)
-    out = []
-    for n in lengths:
-        ids = [rnd.randrange(3, VOCAB) for _ in range(n)]
-        p = min(prompt, max(n - 1, 0))
-        out.append({"input_ids": ids, "attention_mask": [1] * n,
-                    "labels": [IGNORE] * p + ids[p:], "length": n})
-    return out
+    return random_examples(lengths, seed, prompt)
 
 
 def _segments(position_ids):
