@@ -280,7 +280,7 @@ def training_arguments(s: TrainSettings, model, has_eval: bool):
         disable_tqdm=False, logging_first_step=True, neftune_noise_alpha=s.neftune_alpha,
     )
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    # Batches of similar length (little padding); packed rows are all about max_length long.
+    # Batches of similar length (little padding); packed rows are all about pack_length long.
     if "train_sampling_strategy" in names:   # transformers >= 5.2x
         kwargs["train_sampling_strategy"] = "random" if s.packing else "group_by_length"
     else:
@@ -457,9 +457,8 @@ def check_packing(model) -> None:
     if getattr(cfg, "model_type", None) in PACKING_CHECKED:
         return    # checked in tests/test_packing*.py; the probe would compile extra graphs
     emb = model.get_input_embeddings()
-    device = emb.weight.device if emb is not None else next(model.parameters()).device
-    a, b = (min(10, emb.num_embeddings - 2), min(11, emb.num_embeddings - 1)) if emb is not None \
-        else (10, 11)
+    device, vocab = emb.weight.device, emb.num_embeddings
+    a, b = min(10, vocab - 2), min(11, vocab - 1)
     ids = torch.tensor([[a, b, a, b]], device=device)
 
     def logits(n, pos):
