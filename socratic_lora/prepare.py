@@ -196,14 +196,22 @@ class Collator:
         self.tokens = 0       # real (non-pad) tokens seen, for tokens/s in the report
         self.counting = True  # off while evaluating (train.ReliableTrainer)
 
+    def _width(self, batch) -> int:
+        """The padded length of `batch`: its longest row, rounded up to multiple_of."""
+        n = max(len(b["input_ids"]) for b in batch)
+        return -(-n // self.multiple_of) * self.multiple_of
+
+    def _count(self, batch) -> None:
+        if self.counting:
+            self.tokens += sum(len(b["input_ids"]) for b in batch)
+
     def __call__(self, batch):
         import torch
 
-        n = max(len(b["input_ids"]) for b in batch)
-        n = -(-n // self.multiple_of) * self.multiple_of
+        n = self._width(batch)
         def pad(key, value):
             return torch.tensor([b[key] + [value] * (n - len(b[key])) for b in batch])
-        self.tokens += sum(len(b["input_ids"]) for b in batch) if self.counting else 0
+        self._count(batch)
         return {"input_ids": pad("input_ids", self.pad_id),
                 "attention_mask": pad("attention_mask", 0), "labels": pad("labels", IGNORE)}
 
@@ -232,10 +240,10 @@ def pack_examples(examples, length: int):
     No example is cut or dropped: each one lies whole in one row. A row carries
     `position_ids` that restart at 0 for every example; given position ids and no attention
     mask, transformers (>= 4.5x) builds a mask in which each example attends only to itself
-    (eager, sdpa, flex), when the model runs without a KV cache (`config.use_cache=False`, as
-    `models.load_model` sets for training; with a cache it silently lets examples see each
-    other: tests/test_packing.py). The first label of every example is set to -100, so the last token of
-    one example is never trained to predict the first token of the next.
+    (eager, sdpa, flex) when the model runs without a KV cache (PackedCollator's batches
+    say use_cache=False; with a cache, examples would silently see each other). The first
+    label of every example is set to -100, so the last token of one example is never trained
+    to predict the first token of the next.
     Returns (rows, Packed report)."""
     if not isinstance(length, int) or isinstance(length, bool) or length < 1:
         raise ValueError(f"packing length={length!r}: give a positive number of tokens")
@@ -277,7 +285,7 @@ def pack_examples(examples, length: int):
     return rows, rep
 
 
-class PackedCollator:
+class PackedCollator(Collator):
     """Collates packed rows (or plain examples) without an attention mask: `position_ids`
     restart at 0 for each example, and every padding token has position 0 (a one-token
     segment of its own, which also never runs past a learned position table), so
@@ -288,17 +296,15 @@ class PackedCollator:
     the longest row of the batch."""
 
     def __init__(self, pad_id: int, length: int | None = None, multiple_of: int = 8):
-        self.pad_id, self.length, self.multiple_of = pad_id, length, multiple_of
-        self.tokens = 0       # real (non-pad) tokens seen, for tokens/s in the report
-        self.counting = True  # off while evaluating (train.ReliableTrainer)
+        super().__init__(pad_id, multiple_of)
+        self.length = length
 
     def __call__(self, batch):
         import torch
 
         longest = max(len(b["input_ids"]) for b in batch)
         packed = all("position_ids" in b for b in batch)   # else: plain (evaluation) examples
-        n = self.length if self.length is not None and packed else \
-            -(-longest // self.multiple_of) * self.multiple_of
+        n = self.length if self.length is not None and packed else self._width(batch)
         if longest > n:
             raise ValueError(f"a row of {longest} tokens does not fit the collator's length {n}")
         ids, labels, pos = [], [], []
@@ -307,7 +313,7 @@ class PackedCollator:
             ids.append(list(b["input_ids"]) + [self.pad_id] * pad)
             labels.append(list(b["labels"]) + [IGNORE] * pad)
             pos.append(list(b.get("position_ids") or range(k)) + [0] * pad)
-            self.tokens += k if self.counting else 0
+        self._count(batch)
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
                 "position_ids": torch.tensor(pos), "use_cache": False}
 
