@@ -203,9 +203,8 @@ from transformers import TrainerCallback  # noqa: E402
 class Timer(TrainerCallback):
     """Synchronised wall time at the end of every step; optionally profiles one step."""
 
-    def __init__(self, profile_step=None, profile_path=None, collator=None):
+    def __init__(self, profile_step=None, profile_path=None):
         self.ends, self.profile_step, self.profile_path, self.prof = [], profile_step, profile_path, None
-        self.collator, self.tokens = collator, []     # real tokens seen at each step's end
 
     def on_step_begin(self, args, state, control, **kw):
         if self.profile_step is not None and state.global_step == self.profile_step:
@@ -216,7 +215,6 @@ class Timer(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         sync()
         self.ends.append(time.perf_counter())
-        self.tokens.append(getattr(self.collator, "tokens", 0))
         if self.prof is not None:
             self.prof.__exit__(None, None, None)
             averages = self.prof.key_averages()
@@ -280,9 +278,14 @@ def run_mode(a, text, data, world, local_rank, peak_tflops):
     load_s = time.perf_counter() - t_load
     weights_gib = mem("memory_allocated", local_rank)
     profile_step = a.warmup + 1 if a.profile and text in a.profile.split(";") else None
-    timer = Timer(profile_step, os.path.join(a.profile_dir, f"profile_{len(a._done)}.txt"),
-                  collator)
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator,
+    timer = Timer(profile_step, os.path.join(a.profile_dir, f"profile_{len(a._done)}.txt"))
+    sizes = []                      # (real tokens, padded slots) of each batch, in order
+
+    def collate(rows):
+        out = collator(rows)
+        sizes.append((sum(len(r["input_ids"]) for r in rows), out["input_ids"].numel()))
+        return out
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
                       callbacks=[timer])
     t0 = time.perf_counter()
     trainer.train()
@@ -292,17 +295,15 @@ def run_mode(a, text, data, world, local_rank, peak_tflops):
         if a.warmup >= 1 else [b - e for e, b in zip(timer.ends, timer.ends[1:])]
     step_s = statistics.median(steps)
     tokens = a.batch * a.seq
-    first = a.warmup - 1 if a.warmup >= 1 else 0
-    real = timer.tokens[-1] - timer.tokens[first]         # real tokens of the timed steps
+    # The batches of the timed steps, counted in collation order (the loader collates one
+    # batch ahead, so the collator's running count at a step's end is one batch too far).
+    first = a.warmup if a.warmup >= 1 else 1
+    timed = sizes[first:first + len(steps)]
+    real, slots = sum(t for t, _ in timed), sum(n for _, n in timed)
     if a.data == "dialogues":       # padding is no work: real tokens over the timed time
         tokens_per_s = real / sum(steps)
     else:
         tokens_per_s = tokens / step_s
-
-    def padded(i):                  # tokens of batch i after padding (the collators' rule)
-        rows = data[i * per_device:(i + 1) * per_device]
-        longest = max(len(r["input_ids"]) for r in rows)
-        return len(rows) * (packing if packing else -(-longest // 8) * 8)
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fpt = flops_per_token(model.config, a.seq, n_lora)
     row = {
@@ -310,7 +311,7 @@ def run_mode(a, text, data, world, local_rank, peak_tflops):
         "world_size": world, "placement": a.placement, "label_frac": a.label_frac,
         "data": a.data, "packing": packing, "rows_per_step": batch,
         "tokens_per_s": round(tokens_per_s), "step_s": round(step_s, 4),
-        "real_token_share": round(real / sum(padded(i) for i in range(first + 1, a.warmup + a.steps)), 4),
+        "real_token_share": round(real / slots, 4),
         "step_s_min": round(min(steps), 4), "step_s_max": round(max(steps), 4),
         "timed_steps": len(steps),
         "peak_gib": round(mem("max_memory_allocated", local_rank), 3),
