@@ -5,7 +5,10 @@
     python bench/perf.py /tmp/g2b --modes "reference;reference:chunked_ce=1;reference:attention=flex"
     python bench/perf.py /tmp/g2b --modes "reference;speed" --dtype float16
     python bench/perf.py /tmp/g2b --check-grads speed          # LoRA gradients vs the reference
-    torchrun --nproc_per_node 2 bench/perf.py /tmp/g2b --modes speed --placement data_parallel
+    # two GPUs (bench/two_gpu.sh runs all three against each other):
+    CUDA_VISIBLE_DEVICES=0 python bench/perf.py /tmp/g2b --modes speed       # one GPU, 8 a step
+    accelerate launch --multi_gpu --num_processes 2 bench/perf.py /tmp/g2b --modes speed --batch 16
+    python bench/perf.py /tmp/g2b --modes speed --placement balanced          # one copy split over both
 
 Modes:
   reference      the tutorial recipe: Trainer + peft + bitsandbytes (NF4, double quant),
@@ -27,6 +30,14 @@ batch padded to its longest (multiple of 8); a mode with `packing=N` packs them 
 N tokens instead (prepare.pack_examples, PackedCollator; `packing=1`: N = --seq), batch x seq / N
 rows a step (the same number of token slots). tokens/s then counts real
 tokens only (all timed steps' tokens over their total time), so padding is not counted as work.
+
+Several GPUs: --batch is the global batch. Under `accelerate launch` (or torchrun) each
+process holds one whole 4-bit copy on its own GPU and takes --batch / processes rows a step
+(data parallel; --batch 16 on two GPUs keeps each GPU's 8 x 512 of the one-GPU run); tokens/s
+counts all processes' tokens, timed on rank 0. `--placement balanced` splits one copy's layers
+over all visible GPUs in one process (pipeline order: one GPU works at a time). Rows give the
+peak memory of every GPU (`peak_gib_per_gpu`) and, for balanced, where the layers went; MFU
+divides by the matmul rate of all GPUs used.
 
 MFU = tokens/s x FLOPs per token / measured bf16 (or fp16) matmul rate, where FLOPs per
 token = 2 x forward + 6 x LoRA parameters, forward = 2 x (linear weights of the decoder +
@@ -188,9 +199,44 @@ def load_ours(a, base, changes):
 CUDA = torch.cuda.is_available()
 
 
+SYNC_ALL = False        # balanced placement: one process drives every visible GPU
+
+
 def sync():
     if CUDA:
-        torch.cuda.synchronize()
+        if SYNC_ALL:
+            for i in range(torch.cuda.device_count()):
+                torch.cuda.synchronize(i)
+        else:
+            torch.cuda.synchronize()
+
+
+def peaks_per_gpu(world, local_rank):
+    """Peak allocated GiB of every GPU in use: all visible ones for balanced placement,
+    each process's own under data parallelism (gathered to every rank)."""
+    if not CUDA:
+        return [0.0]
+    if SYNC_ALL:
+        return [round(torch.cuda.max_memory_allocated(i) / 2 ** 30, 3)
+                for i in range(torch.cuda.device_count())]
+    own = round(torch.cuda.max_memory_allocated(local_rank) / 2 ** 30, 3)
+    if world == 1:
+        return [own]
+    import torch.distributed as dist
+    got = [None] * world
+    dist.all_gather_object(got, own)
+    return got
+
+
+def layer_devices(model):
+    """{device: number of decoder layers} of a loaded model (a check that none is off the GPUs)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = base.model.layers if hasattr(base, "model") and hasattr(base.model, "layers") else []
+    out = {}
+    for layer in layers:
+        dev = str(next(layer.parameters()).device)
+        out[dev] = out.get(dev, 0) + 1
+    return out
 
 
 def mem(fn, rank):
@@ -306,6 +352,8 @@ def run_mode(a, text, data, world, local_rank, peak_tflops):
         tokens_per_s = tokens / step_s
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fpt = flops_per_token(model.config, a.seq, n_lora)
+    per_gpu = peaks_per_gpu(world, local_rank)
+    gpus = len(per_gpu)
     row = {
         "mode": text, "bits": a.bits, "dtype": a.dtype, "batch": a.batch, "seq": a.seq,
         "world_size": world, "placement": a.placement, "label_frac": a.label_frac,
@@ -315,11 +363,12 @@ def run_mode(a, text, data, world, local_rank, peak_tflops):
         "step_s_min": round(min(steps), 4), "step_s_max": round(max(steps), 4),
         "timed_steps": len(steps),
         "peak_gib": round(mem("max_memory_allocated", local_rank), 3),
+        "peak_gib_per_gpu": per_gpu, "gpus": gpus, "layer_devices": layer_devices(model),
         "peak_reserved_gib": round(mem("max_memory_reserved", local_rank), 3),
         "weights_gib": round(weights_gib, 3),
         "first_loss": losses[0] if losses else None, "losses": losses[:5],
         "finite": all(l == l and abs(l) != float("inf") for l in losses),
-        "flops_per_token": fpt, "mfu": round(tokens_per_s * fpt / (peak_tflops * 1e12), 4),
+        "flops_per_token": fpt, "mfu": round(tokens_per_s * fpt / (gpus * peak_tflops * 1e12), 4),
         "matmul_peak_tflops": round(peak_tflops, 1), "load_s": round(load_s, 1),
         "warmup_and_train_wall_s": round(wall, 1),
         "fast": {k: v for k, v in vars(getattr(model, "fast_settings", {})).items()}
@@ -408,7 +457,13 @@ def main(argv=None):
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if world > 1:
+        if a.placement not in ("single", "data_parallel"):
+            raise SystemExit(f"--placement {a.placement}: under a launcher of {world} processes "
+                             "each process holds a whole copy (data_parallel); run balanced "
+                             "as one plain process")
         a.placement = "data_parallel"
+    global SYNC_ALL
+    SYNC_ALL = a.placement == "balanced"
     if CUDA:
         torch.cuda.set_device(local_rank)
     from transformers import AutoConfig
@@ -452,6 +507,9 @@ def main(argv=None):
         if a.mode_timeout:
             signal.alarm(0)
         row["device"] = device_name(local_rank)
+        row["command"] = " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+        row["launcher_processes"] = world
+        row["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
         row["versions"] = {"torch": torch.__version__,
                            "transformers": __import__("transformers").__version__,
                            "peft": __import__("peft").__version__}
