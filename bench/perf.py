@@ -324,7 +324,8 @@ def run_mode(a, text, data, world, local_rank, peak_tflops):
     load_s = time.perf_counter() - t_load
     weights_gib = mem("memory_allocated", local_rank)
     profile_step = a.warmup + 1 if a.profile and text in a.profile.split(";") else None
-    timer = Timer(profile_step, os.path.join(a.profile_dir, f"profile_{len(a._done)}.txt"))
+    timer = Timer(profile_step, os.path.join(a.profile_dir, f"profile_{len(a._done)}"
+                                                  f"{'_rank%d' % local_rank if world > 1 else ''}.txt"))
     sizes = []                      # (real tokens, padded slots) of each batch, in order
 
     def collate(rows):

@@ -179,6 +179,10 @@ def chunked_causal_lm_loss(hidden, weight, labels, softcap: float | None = None,
     model does, unless `shift_labels` is given)."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=IGNORE)[..., 1:]
+    # Balanced placement: the output matrix (tied to the embeddings) can sit on the first GPU
+    # while the last layer's hidden states come from another one. Bring the small [B, S, H]
+    # states to the matrix (autograd carries their gradient back), never the [V, H] matrix.
+    hidden = hidden.to(weight.device)
     shift_labels = shift_labels.to(hidden.device)
     mask = shift_labels != IGNORE
     h = hidden[mask]                     # only positions that have a target

@@ -133,3 +133,41 @@ def test_offloaded_checkpoint_on_cuda_gives_the_same_gradients(gemma2_4layers):
     for step in range(3):
         for n, g in grads[False, step].items():
             assert torch.allclose(grads[True, step][n], g, rtol=1e-3, atol=1e-6), (step, n)
+
+
+@pytest.mark.multi_gpu
+@pytest.mark.parametrize("mode", ["speed", "memory"])
+def test_fast_path_over_two_gpus_equals_one_gpu(gemma2_4layers, mode):
+    """`mode: speed|memory` with balanced placement: the tied output matrix sits on GPU 0
+    while the last layers' hidden states come from GPU 1 (this failed with a device mismatch
+    in the chunked loss). Loss and LoRA gradients must equal the one-GPU run's."""
+    from socratic_lora.train import TrainSettings, load_for_training
+
+    def run(placement):
+        s = TrainSettings(model=gemma2_4layers, bits=4, compute_dtype="bfloat16",
+                          placement=placement, gpu_budgets={0: "2GiB", 1: "2GiB"},
+                          lora_r=4, lora_alpha=8, lora_dropout=0.0, mode=mode)
+        torch.manual_seed(0)
+        model, _ = load_for_training(s)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator(p.device).manual_seed(1))
+        model.train()
+        x = torch.randint(3, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(2))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=x.to("cuda:0"), labels=x.to("cuda:0")).loss
+        loss.backward()
+        devices = {str(p.device) for n, p in model.named_parameters() if "layers." in n}
+        grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        del model
+        torch.cuda.empty_cache()
+        return loss.item(), grads, devices
+
+    loss1, grads1, dev1 = run("single")
+    loss2, grads2, dev2 = run("balanced")
+    assert dev1 == {"cuda:0"} and dev2 == {"cuda:0", "cuda:1"}, (dev1, dev2)
+    assert loss2 == pytest.approx(loss1, abs=1e-3)
+    assert grads1.keys() == grads2.keys() and grads1
+    for n, g in grads1.items():
+        assert g.abs().sum() > 0, n
+        assert torch.allclose(grads2[n], g, rtol=2e-2, atol=1e-4), n
