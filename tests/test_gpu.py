@@ -149,9 +149,13 @@ def test_fast_path_over_two_gpus_equals_one_gpu(gemma2_4layers, mode):
                           lora_r=4, lora_alpha=8, lora_dropout=0.0, mode=mode)
         torch.manual_seed(0)
         model, _ = load_for_training(s)
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator(p.device).manual_seed(1))
+        # Same adapter weights in both runs: peft draws A from each GPU's own generator, so
+        # set A and B from one CPU generator, in name order.
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for n, p in sorted(model.named_parameters()):
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=g) * (0.1 if "lora_B" in n else 0.05))
         model.train()
         x = torch.randint(3, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(2))
         with torch.autocast("cuda", dtype=torch.bfloat16):
