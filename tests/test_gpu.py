@@ -140,11 +140,14 @@ def test_offloaded_checkpoint_on_cuda_gives_the_same_gradients(gemma2_4layers):
 def test_fast_path_over_two_gpus_equals_one_gpu(gemma2_4layers, mode):
     """`mode: speed|memory` with balanced placement: the tied output matrix sits on GPU 0
     while the last layers' hidden states come from GPU 1 (this failed with a device mismatch
-    in the chunked loss). Loss and LoRA gradients must equal the one-GPU run's."""
+    in the chunked loss). Loss and LoRA gradients must equal the one-GPU run's. Float32
+    compute: in bfloat16 the two runs' different kernel fusions alone moved single LoRA
+    gradients by 3 % (speed) and 9 % (memory, layer 0) on this 4-layer model, which would
+    hide a real difference."""
     from socratic_lora.train import TrainSettings, load_for_training
 
     def run(placement):
-        s = TrainSettings(model=gemma2_4layers, bits=4, compute_dtype="bfloat16",
+        s = TrainSettings(model=gemma2_4layers, bits=4, compute_dtype="float32",
                           placement=placement, gpu_budgets={0: "2GiB", 1: "2GiB"},
                           lora_r=4, lora_alpha=8, lora_dropout=0.0, mode=mode)
         torch.manual_seed(0)
@@ -158,8 +161,7 @@ def test_fast_path_over_two_gpus_equals_one_gpu(gemma2_4layers, mode):
                     p.copy_(torch.randn(p.shape, generator=g) * (0.1 if "lora_B" in n else 0.05))
         model.train()
         x = torch.randint(3, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(2))
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=x.to("cuda:0"), labels=x.to("cuda:0")).loss
+        loss = model(input_ids=x.to("cuda:0"), labels=x.to("cuda:0")).loss
         loss.backward()
         devices = {str(p.device) for n, p in model.named_parameters() if "layers." in n}
         grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
@@ -170,10 +172,9 @@ def test_fast_path_over_two_gpus_equals_one_gpu(gemma2_4layers, mode):
     loss1, grads1, dev1 = run("single")
     loss2, grads2, dev2 = run("balanced")
     assert dev1 == {"cuda:0"} and dev2 == {"cuda:0", "cuda:1"}, (dev1, dev2)
-    # bfloat16 compute: the issue's step-1 tolerance for the loss, 2 % for each gradient
-    assert loss2 == pytest.approx(loss1, abs=1e-2)
+    assert loss2 == pytest.approx(loss1, abs=1e-4)
     assert grads1.keys() == grads2.keys() and grads1
     for n, g in grads1.items():
         assert g.abs().sum() > 0, n
         err = ((grads2[n] - g).norm() / g.norm()).item()
-        assert err < 2e-2, (n, err)
+        assert err < 1e-3, (n, err)
