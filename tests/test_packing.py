@@ -194,3 +194,13 @@ def test_the_families_that_skip_the_packing_probe_pass_it(monkeypatch, family):
                         lambda position_ids: None)
     with pytest.raises(ValueError, match="lets packed examples see each other"):
         train_mod.check_packing(model)
+
+
+def test_neftune_with_packing_is_refused_naming_the_key():
+    """NEFTune's noise is alpha / sqrt(L d) with L the sequence length; a packed row would
+    count as one long sequence, so the combination is refused rather than silently weakened."""
+    from socratic_lora.train import load_settings
+    with pytest.raises(ValueError, match="key 'neftune_alpha'.*packing: false"):
+        load_settings("demo", packing=True, neftune_alpha=5.0)
+    assert load_settings("demo", neftune_alpha=5.0).neftune_alpha == 5.0
+    assert load_settings("demo", packing=True).packing is True
