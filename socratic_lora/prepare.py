@@ -193,8 +193,13 @@ class Collator:
 
     def __init__(self, pad_id: int, multiple_of: int = 8):
         self.pad_id, self.multiple_of = pad_id, multiple_of
-        self.tokens = 0       # real (non-pad) tokens seen, for tokens/s in the report
+        self.tokens = 0       # real (non-pad) tokens of the training batches collated
         self.counting = True  # off while evaluating (train.ReliableTrainer)
+        # Each counted batch's real tokens, in order, until a training step takes it: the
+        # loader collates one batch ahead, so `tokens` can include a batch never trained on
+        # (train.ReliableTrainer counts the batches it trains on from here).
+        from collections import deque
+        self.pending = deque()
 
     def _width(self, batch) -> int:
         """The padded length of `batch`: its longest row, rounded up to multiple_of."""
@@ -203,7 +208,9 @@ class Collator:
 
     def _count(self, batch) -> None:
         if self.counting:
-            self.tokens += sum(len(b["input_ids"]) for b in batch)
+            n = sum(len(b["input_ids"]) for b in batch)
+            self.tokens += n
+            self.pending.append(n)
 
     def __call__(self, batch):
         import torch

@@ -433,7 +433,12 @@ def reliable_trainer_class(base=None):
                 if counting is not None:
                     collator.counting = counting
 
+        trained_tokens = 0    # real tokens of the batches trained on (the report's tokens/s)
+
         def training_step(self, model, inputs, num_items_in_batch=None):
+            pending = getattr(self.data_collator, "pending", None)
+            if pending:           # this batch's count (collated in order, one batch ahead)
+                self.trained_tokens += pending.popleft()
             loss = super().training_step(model, inputs, num_items_in_batch)
             every = self.accelerator.gather(loss.detach().float().reshape(1))   # all ranks stop
             if not torch.isfinite(every).all():
@@ -550,13 +555,17 @@ def train(s: TrainSettings, resume: bool = False, callbacks=None, overwrite: boo
                                (p / "socratic_lora.json").write_text(json.dumps({"base": s.model}))),
                     adapter)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    rows_per_s = result.metrics.get("train_samples_per_second")
     rep = trainable_report(model)
     report = {
         "steps": trainer.state.global_step, "epochs": trainer.state.epoch or 0.0,
         "wall_time_s": round(wall, 1), "final_loss": losses[-1] if losses else None,
         "mean_loss": result.training_loss, "eval_loss": eval_loss,
-        "samples_per_s": result.metrics.get("train_samples_per_second"),
-        "tokens_per_s": collator.tokens * args.world_size / wall,
+        # Trainer counts rows; a packed row holds n_train / rows examples on average
+        "samples_per_s": rows_per_s * n_train / len(train_ex) if s.packing and rows_per_s
+        else rows_per_s,
+        **({"packed_rows_per_s": rows_per_s} if s.packing else {}),
+        "tokens_per_s": trainer.trained_tokens * args.world_size / wall,
         "peak_memory_gib": peak_memory_gib(), "trainable": rep["trainable"],
         "trainable_percent": rep["percent"],
         "adapter_mb": (adapter / "adapter_model.safetensors").stat().st_size / 1e6,
