@@ -631,6 +631,22 @@ def _set_checkpointing(lm, s: FastSettings):
     return sorted(chosen)
 
 
+def _gpus_without_flex(model) -> list:
+    """The model's GPUs (index, compute capability) on which flex attention cannot train.
+
+    Below compute capability 8.0 (T4: 7.5, V100: 7.0) torch has no Triton kernel for flex
+    attention and runs an eager fallback whose backward fails in float16 ("expected scalar
+    type Half but found Float"); Unsloth met it on Colab and Kaggle T4s and skips flex on
+    such cards (unslothai/unsloth PRs 4302 and 8137)."""
+    out = set()
+    for p in model.parameters():
+        if p.device.type == "cuda":
+            cap = torch.cuda.get_device_capability(p.device)
+            if cap < (8, 0):
+                out.add((p.device.index or 0, cap))
+    return sorted(out)
+
+
 def apply_fast_path(model, settings: FastSettings | str = "speed"):
     """Switch the techniques of `settings` on, in place, for a (peft-wrapped) causal LM.
 
@@ -654,6 +670,17 @@ def apply_fast_path(model, settings: FastSettings | str = "speed"):
         raise ValueError("compile='model' traces the whole decoder stack in one graph; "
                          "offloaded checkpoints need compile='layers' (or offload=False)")
     report = {}
+    if s.attention == "flex":
+        old_gpus = _gpus_without_flex(lm)
+        if old_gpus:
+            import warnings
+            where = ", ".join(f"GPU {i} (compute capability {a}.{b})" for i, (a, b) in old_gpus)
+            msg = (f"attention='flex' needs compute capability 8.0 or newer to train; {where} "
+                   "is older, so eager attention is used (softcapping kept). / この GPU では "
+                   "flex attention で学習できないため、eager アテンションを使います。")
+            warnings.warn(msg, stacklevel=2)
+            s = s.replace(attention="eager")
+            report["attention_fallback"] = msg
     if s.attention == "flex":
         if hasattr(lm, "set_attn_implementation"):
             lm.set_attn_implementation("flex_attention")

@@ -379,3 +379,33 @@ def test_compiled_layers_under_accelerate_device_hooks_have_no_graph_breaks(monk
         err = (got[n] - ref[n]).norm() / ref[n].norm()
         assert err < 1e-9, (n, err.item())
     torch._dynamo.reset()
+
+
+def test_flex_attention_falls_back_to_eager_below_compute_capability_8(monkeypatch):
+    """A T4 (7.5) cannot train with flex attention (torch's eager fallback fails in float16):
+    the fast path uses eager attention there, warns, and says so in its report and settings;
+    on 8.0 and newer flex stays."""
+    import types
+
+    import socratic_lora.fast as fast
+    caps = {0: (8, 0), 1: (7, 5)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: caps[d.index])
+    fake = types.SimpleNamespace(parameters=lambda: iter(
+        [types.SimpleNamespace(device=torch.device("cuda", i)) for i in (0, 1, 1)] +
+        [types.SimpleNamespace(device=torch.device("cpu"))]))
+    assert fast._gpus_without_flex(fake) == [(1, (7, 5))]
+    caps[1] = (9, 0)
+    assert fast._gpus_without_flex(fake) == []
+
+    for gpus, expected in (([(0, (7, 5))], "eager"), ([], "flex_attention")):
+        monkeypatch.setattr(fast, "_gpus_without_flex", lambda lm, g=gpus: g)
+        settings = FastSettings(attention="flex", checkpoint="none", compile=False)
+        if gpus:
+            with pytest.warns(UserWarning, match="compute capability 7.5"):
+                model = apply_fast_path(_tiny_lora(), settings)
+            assert "GPU 0 (compute capability 7.5)" in model.fast_report["attention_fallback"]
+            assert model.fast_settings.attention == "eager"
+        else:
+            model = apply_fast_path(_tiny_lora(), settings)
+            assert "attention_fallback" not in model.fast_report
+        assert model.base_model.model.config._attn_implementation == expected
