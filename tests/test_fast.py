@@ -300,19 +300,25 @@ def test_compiled_layers_do_not_recompile_for_every_sequence_length(monkeypatch)
     torch._dynamo.reset()
 
 
+def _uncompiled_reference():
+    """A batch, eager fast-path settings, and that path's loss and LoRA gradients: what the
+    compiled variants must reproduce. fused_ops is off: the compiler fuses the norms itself,
+    and the model's own RMSNorm works in float32 where ours keeps float64."""
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, VOCAB, (2, 24), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    plain = FastSettings(attention="eager", ce_chunk=5, checkpoint="none", fused_ops=False)
+    ref_loss, ref = _loss_and_lora_grads(apply_fast_path(_tiny_lora(), plain), batch)
+    return batch, plain, ref_loss, ref
+
+
 def test_compile_model_traces_the_whole_stack_with_the_same_loss_and_gradients(monkeypatch):
     """compile='model': the decoder stack is one compiled frame without graph breaks, and
     loss and LoRA gradients equal the uncompiled fast path."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
-    g = torch.Generator().manual_seed(4)
-    ids = torch.randint(3, VOCAB, (2, 24), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    # fused_ops off in both: compile='model' leaves the norms to the compiler, and the
-    # model's own RMSNorm works in float32 where ours keeps float64.
-    plain = FastSettings(attention="eager", ce_chunk=5, checkpoint="none", fused_ops=False)
-    ref_loss, ref = _loss_and_lora_grads(apply_fast_path(_tiny_lora(), plain), batch)
+    batch, plain, ref_loss, ref = _uncompiled_reference()
     count = CompileCounterWithBackend("aot_eager")
     original = torch.nn.Module.compile
     compiled = []
@@ -349,11 +355,7 @@ def test_compiled_layers_under_accelerate_device_hooks_have_no_graph_breaks(monk
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
-    g = torch.Generator().manual_seed(4)
-    ids = torch.randint(3, VOCAB, (2, 24), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    plain = FastSettings(attention="eager", ce_chunk=5, checkpoint="none", fused_ops=False)
-    ref_loss, ref = _loss_and_lora_grads(apply_fast_path(_tiny_lora(), plain), batch)
+    batch, plain, ref_loss, ref = _uncompiled_reference()
 
     count = CompileCounterWithBackend("aot_eager")
     original = torch.compile
