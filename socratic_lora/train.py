@@ -286,7 +286,16 @@ def training_arguments(s: TrainSettings, model, has_eval: bool):
         use_cpu=not on_gpu, remove_unused_columns=False, dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # LoRA: every adapter weight gets a gradient
         disable_tqdm=False, logging_first_step=True, neftune_noise_alpha=s.neftune_alpha,
+        # Trainer's own inf/NaN filter reads the loss on the host after every backward, a
+        # full GPU synchronisation a step that stops the host from queueing the next step
+        # while the GPU works; ReliableTrainer's check (below) stops at a non-finite loss
+        # without waiting for the backward.
+        logging_nan_inf_filter=False,
     )
+    if on_gpu:
+        # Batches go to the GPU from pinned memory without a synchronisation (a blocking
+        # copy waits for everything queued on the GPU, the previous step's backward too).
+        kwargs.update(dataloader_pin_memory=True, accelerator_config={"non_blocking": True})
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     # Batches of similar length (little padding); packed rows are all about pack_length long.
     if "train_sampling_strategy" in names:   # transformers >= 5.2x
@@ -377,6 +386,30 @@ def diverged_message(step: int, value: float, s: TrainSettings, out: Path) -> st
             "(損失が inf/NaN になりました。学習率を下げるか bf16 を使い、データを確かめてください)")
 
 
+class LossProbe:
+    """A loss value read on the host without waiting for the work queued after it.
+
+    `.item()` on a GPU tensor waits until the GPU has run everything queued so far; after
+    `backward()` that is the whole backward pass, and the host, idle meanwhile, then queues
+    the next step onto an empty GPU. Here the value is copied to pinned memory right after
+    the forward, and `value()` waits for that copy only (an event recorded behind it)."""
+
+    def __init__(self, t):
+        if t.device.type == "cuda":
+            import torch
+            self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self._host.copy_(t, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record(torch.cuda.current_stream(t.device))
+        else:
+            self._host, self._done = t, None
+
+    def value(self):
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host
+
+
 def reliable_trainer_class(base=None):
     """A Trainer subclass that (1) writes each checkpoint-N into a staging folder, marks it
     complete and renames it into place, so a kill during a save never leaves a half
@@ -434,13 +467,30 @@ def reliable_trainer_class(base=None):
                     collator.counting = counting
 
         trained_tokens = 0    # real tokens of the batches trained on (the report's tokens/s)
+        _loss_probe = None    # set by compute_loss while training_step runs
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            if self._loss_probe is False:          # inside training_step, before backward
+                loss = out[0] if return_outputs else out
+                self._loss_probe = LossProbe(
+                    self.accelerator.gather(loss.detach().float().reshape(1)))   # all ranks stop
+            return out
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             pending = getattr(self.data_collator, "pending", None)
             if pending:           # this batch's count (collated in order, one batch ahead)
                 self.trained_tokens += pending.popleft()
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            every = self.accelerator.gather(loss.detach().float().reshape(1))   # all ranks stop
+            self._loss_probe = False
+            try:
+                loss = super().training_step(model, inputs, num_items_in_batch)
+                probe = self._loss_probe
+            finally:
+                self._loss_probe = None
+            if not probe:         # a subclass computed the loss some other way
+                probe = LossProbe(self.accelerator.gather(loss.detach().float().reshape(1)))
+            every = probe.value()
             if not torch.isfinite(every).all():
                 bad = every[~torch.isfinite(every)][0].item()
                 raise TrainingDiverged(diverged_message(

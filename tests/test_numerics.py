@@ -81,3 +81,30 @@ def test_inf_at_the_first_step_raises_before_any_checkpoint(monkeypatch, config)
                                                r"was written before it"):
         train(load_settings(str(cfg), max_steps=2))
     assert not (out / "adapter").exists() and not list(out.glob("checkpoint-*"))
+
+
+def test_the_loss_is_checked_from_the_forward_not_after_backward(monkeypatch, config):
+    """The inf/NaN check reads a copy of the loss taken right after the forward (a
+    synchronisation after backward would keep the host from queueing the next step while
+    the GPU works), and Trainer's own filter, which reads the loss after backward, is off."""
+    from accelerate import Accelerator
+    cfg, out = config
+    events = []
+    real_probe, real_backward = train_module.LossProbe, Accelerator.backward
+
+    class Probe(real_probe):
+        def __init__(self, t):
+            events.append(("probe", t.reshape(-1)[0].item()))
+            super().__init__(t)
+
+    def backward(self, loss, **kwargs):
+        events.append(("backward", loss.item()))
+        return real_backward(self, loss, **kwargs)
+    monkeypatch.setattr(train_module, "LossProbe", Probe)
+    monkeypatch.setattr(Accelerator, "backward", backward)
+    train(load_settings(str(cfg), max_steps=2, save_steps=10))
+    assert [e[0] for e in events] == ["probe", "backward"] * 2, events
+    for (_, probed), (_, backed) in zip(events[::2], events[1::2]):
+        assert math.isfinite(probed) and abs(probed - backed) < 1e-6   # the same loss
+    s = load_settings(str(cfg))
+    assert train_module.training_arguments(s, None, has_eval=False).logging_nan_inf_filter is False
