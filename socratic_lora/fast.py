@@ -17,6 +17,8 @@ Each technique is one switch of `FastSettings`, so each can be measured on its o
   logits instead of all of them; time: one matrix product fewer than forward + backward.
 - `attention="flex"`: PyTorch's flex_attention through transformers, which keeps Gemma 2's
   attention softcap (50) and sliding window; eager attention materialises the scores.
+- `flex_tuned`: on H100/H200 (compute capability 9.0) flex attention runs with block sizes
+  measured for Gemma 2's head_dim 256 (bench/flex_tune.py): backward 0.67 -> 0.52 ms a layer.
 - `lean_kbit`: skip peft's `prepare_model_for_kbit_training`, which casts the embedding
   (590 M parameters, also the tied output matrix) and the norms to float32; here everything
   not quantized stays in the compute dtype and only the adapter trains.
@@ -66,6 +68,7 @@ class FastSettings:
                                      # "reduce-overhead": CUDA graphs, with "model" only: per
                                      # layer they re-record every call, docs/performance.md)
     dequant: str = "bnb"             # bnb | torch (4-bit unpacking traced by torch.compile)
+    flex_tuned: bool = True          # measured flex-attention block sizes on H100/H200
 
     @classmethod
     def preset(cls, mode: str) -> "FastSettings":
@@ -81,7 +84,7 @@ class FastSettings:
                        dequant="torch")
         if mode == "reference":
             return cls(chunked_ce=False, attention="eager", lean_kbit=False, fused_ops=False,
-                       checkpoint="keep", offload=False, compile=False)
+                       checkpoint="keep", offload=False, compile=False, flex_tuned=False)
         raise ValueError(f"mode={mode!r}: use reference, speed or memory")
 
     def replace(self, **changes) -> "FastSettings":
@@ -119,6 +122,34 @@ def _chunk_loss_and_grad(logits, target, cap: float | None):
     return loss, p.to(logits.dtype)
 
 
+def _chunk_loss_and_grad_for_compiler(logits, target, cap: float | None):
+    """`_chunk_loss_and_grad` written for torch.compile: no in-place buffers and a one-hot
+    by comparison instead of scatter, so the compiler makes one reduction over the logits
+    (the row sums) and one element-wise pass that writes the gradient, recomputing the
+    softcap there instead of storing float32 copies. One 256-token chunk on an H200
+    (bench/loss_chunk.py): eager 1.66 ms, this 0.42 ms; the in-place version compiled made
+    3 kernels and about 0.48 ms (profile of session 7)."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if cap is not None:
+        t = torch.tanh(x / cap)
+        z = t * cap
+    else:
+        t, z = None, x
+    hit = torch.arange(z.shape[-1], device=z.device)[None, :] == target[:, None]
+    zt = z.gather(1, target[:, None])
+    if cap is not None and cap <= 80:                 # |z| < cap: exp cannot overflow
+        s = torch.exp(z).sum(-1, keepdim=True)
+        loss = (torch.log(s) - zt).sum()
+        g = torch.exp(z) / s - hit.to(z.dtype)        # no logarithm per element
+    else:
+        lse = torch.logsumexp(z, -1, keepdim=True)
+        loss = (lse - zt).sum()
+        g = torch.exp(z - lse) - hit.to(z.dtype)
+    if t is not None:
+        g = g * (1 - t * t)                           # d softcap / dx = 1 - tanh^2
+    return loss, g.to(logits.dtype)
+
+
 _compiled_chunk = None
 
 
@@ -127,7 +158,7 @@ def _chunk_fn(compile: bool):
     if not compile:
         return _chunk_loss_and_grad
     if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(_chunk_loss_and_grad, dynamic=True)
+        _compiled_chunk = torch.compile(_chunk_loss_and_grad_for_compiler, dynamic=True)
     return _compiled_chunk
 
 
@@ -530,9 +561,36 @@ def _decoder_layers(lm):
     return list(layers)
 
 
-def _patch_loss(lm, s: FastSettings):
+# Flex attention's Triton block sizes for Gemma 2's head_dim 256 on compute capability 9.0
+# (H100, H200), from bench/flex_tune.py (bench/results/flex_tune.jsonl, one H200, batch 8 x
+# 512): torch's default backward (64, 64, 64, 64, 2 stages, 4 warps) 0.67 ms a layer, this
+# one 0.52 ms; forward 0.101 -> 0.078 ms. Other GPUs keep torch's defaults: larger blocks
+# may not fit their shared memory (the kernel would then fail to compile).
+TUNED_FLEX_OPTIONS = {
+    (9, 0, 256): {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
+                  "bwd_BLOCK_N2": 32, "bwd_num_warps": 8,
+                  "fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 8,
+                  "fwd_num_stages": 2},
+}
+
+
+def _flex_kernel_options(lm) -> dict | None:
+    """The measured options for this model's head size on its GPUs, if every GPU it uses
+    is of the kind they were measured on; None (torch's defaults) otherwise."""
+    cfg = lm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kinds = {torch.cuda.get_device_capability(p.device) if p.device.type == "cuda" else None
+             for p in lm.parameters()}
+    if len(kinds) != 1 or None in kinds:
+        return None
+    opts = TUNED_FLEX_OPTIONS.get((*kinds.pop(), head_dim))
+    return dict(opts) if opts else None
+
+
+def _patch_loss(lm, s: FastSettings, attention_kwargs: dict | None = None):
     original = lm.forward
     cap = getattr(lm.config, "final_logit_softcapping", None)
+    attention_kwargs = attention_kwargs or {}
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
@@ -553,7 +611,7 @@ def _patch_loss(lm, s: FastSettings):
             torch.compiler.cudagraph_mark_step_begin()
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, inputs_embeds=inputs_embeds,
-                         use_cache=False, **kwargs)
+                         use_cache=False, **attention_kwargs, **kwargs)
         loss = chunked_causal_lm_loss(out.last_hidden_state, self.lm_head.weight, labels,
                                       softcap=cap, chunk=s.ce_chunk,
                                       num_items_in_batch=num_items, shift_labels=shift_labels,
@@ -715,8 +773,16 @@ def apply_fast_path(model, settings: FastSettings | str = "speed"):
             else:
                 layer.compile(**_compile_kwargs(s))
         report["compiled_layers"] = len(_decoder_layers(lm))
+    attention_kwargs = {}
+    if s.attention == "flex" and s.flex_tuned:
+        # Passed with the training forward (transformers hands model kwargs to the attention
+        # function): it rides on the chunked-loss forward below.
+        opts = _flex_kernel_options(lm)
+        if opts and s.chunked_ce:
+            attention_kwargs["kernel_options"] = opts
+            report["flex_kernel_options"] = opts
     if s.chunked_ce:
-        _patch_loss(lm, s)
+        _patch_loss(lm, s, attention_kwargs)
         report["loss"] = f"chunked linear cross-entropy, {s.ce_chunk} tokens a chunk"
     model.fast_settings, model.fast_report = s, report
     return model

@@ -411,3 +411,56 @@ def test_flex_attention_falls_back_to_eager_below_compute_capability_8(monkeypat
             model = apply_fast_path(_tiny_lora(), settings)
             assert "attention_fallback" not in model.fast_report
         assert model.base_model.model.config._attn_implementation == expected
+
+
+@pytest.mark.parametrize("cap", [3.0, None])
+def test_compiled_loss_chunk_equals_the_eager_one(cap):
+    """The compiled loss uses its own formulation (no in-place buffers, one-hot by
+    comparison); on float64 logits it must give the eager chunk's loss and gradient."""
+    import socratic_lora.fast as fast
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(13, 301, generator=g, dtype=torch.float64) * 8
+    target = torch.randint(0, 301, (13,), generator=g)
+    loss, grad = fast._chunk_loss_and_grad(logits.clone(), target, cap)
+    got_loss, got_grad = fast._chunk_fn(True)(logits.clone(), target, cap)
+    assert abs(got_loss.item() - loss.item()) < 1e-9
+    assert torch.allclose(got_grad, grad, atol=1e-14, rtol=1e-10)
+    # and both are the autograd gradient of the capped cross entropy
+    x = logits.clone().requires_grad_()
+    z = cap * torch.tanh(x / cap) if cap else x
+    ref = F.cross_entropy(z, target, reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, x)
+    assert abs(ref.item() - loss.item()) < 1e-9 and torch.allclose(grad, ref_grad, atol=1e-12)
+
+
+def test_tuned_flex_options_reach_the_attention_function_only_where_measured(monkeypatch):
+    """flex_tuned: the measured block sizes go with the training forward to the attention
+    function, and only for GPUs of the kind they were measured on (none here: the CPU)."""
+    import socratic_lora.fast as fast
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    seen = []
+
+    def recorder(module, query, key, value, attention_mask, **kwargs):
+        seen.append(kwargs.get("kernel_options"))
+        return query.transpose(1, 2).contiguous(), None
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "flex_attention", recorder)
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    settings = FastSettings(attention="flex", ce_chunk=8, checkpoint="none")
+    assert fast._flex_kernel_options(fast._causal_lm(_tiny_lora())) is None   # CPU
+    model = apply_fast_path(_tiny_lora(), settings)
+    model(**batch)
+    assert seen and all(o is None for o in seen)
+    assert "flex_kernel_options" not in model.fast_report
+    # On an H100/H200 (compute capability 9.0) the measured set is passed to every layer.
+    opts = {"bwd_num_warps": 8}
+    monkeypatch.setattr(fast, "_flex_kernel_options", lambda lm: dict(opts))
+    seen.clear()
+    model = apply_fast_path(_tiny_lora(), settings)
+    model(**batch)
+    assert len(seen) == 3 and all(o == opts for o in seen)
+    assert model.fast_report["flex_kernel_options"] == opts
+    seen.clear()
+    model = apply_fast_path(_tiny_lora(), settings.replace(flex_tuned=False))
+    model(**batch)
+    assert len(seen) == 3 and all(o is None for o in seen)
