@@ -16,12 +16,18 @@ Modes:
                  its default gradient checkpointing, eager attention.
   speed, memory  our path: socratic_lora.fast.load_for_training (the `mode:` training key).
   MODE:k=v,...   (modes are separated by ';') the same with FastSettings fields changed (chunked_ce, ce_chunk, attention,
-                 lean_kbit, fused_ops, checkpoint, offload, compile, dequant) and/or dropout=...;
+                 lean_kbit, fused_ops, checkpoint, offload, compile, dequant, flex_tuned) and/or
+                 dropout=... or optim=... (our modes: the Trainer's optimizer name);
                  `reference:attention=flex` is the recipe with one technique switched on.
 
 Each mode: fresh model, `--warmup` untimed steps (compilation), then `--steps` timed steps on
 fixed random token batches (identical for every mode; all tokens labelled unless
---label-frac). Prints a table and appends one JSON line per mode to --out.
+--label-frac). Prints a table and appends one JSON line per mode to --out. The timed steps
+are one window, the GPU synchronised only at its two ends (as training runs: the host
+queues the next step while the GPU works); --sync-steps synchronises at every step instead
+(the timing of results before 2026-12-04). Losses are logged at step 1 and the last step
+only (reading a loss on the host is a synchronisation). The reference trains with plain
+Trainer and its defaults, our modes with socratic_lora's Trainer (train.py).
 
 --data dialogues: the lengths and tutor-label spans of the shipped training dialogues
 (bench/data/train_shapes.json, made by bench/dialogue_shapes.py; 162-493 tokens) with random
@@ -247,10 +253,17 @@ from transformers import TrainerCallback  # noqa: E402
 
 
 class Timer(TrainerCallback):
-    """Synchronised wall time at the end of every step; optionally profiles one step."""
+    """Wall time at the end of every step; optionally profiles one step.
 
-    def __init__(self, profile_step=None, profile_path=None):
+    Window timing (the default): the GPU is synchronised only at the end of the last warmup
+    step and of the last step, so the timed steps run as in real training, where the host
+    queues the next step while the GPU still works on this one; tokens/s = the window's
+    tokens / its time. `sync_steps`: synchronised at every step's end (each step's own time,
+    but the queue runs dry at every step: the host-side costs are then all on the clock)."""
+
+    def __init__(self, profile_step=None, profile_path=None, sync_steps=False, sync_at=()):
         self.ends, self.profile_step, self.profile_path, self.prof = [], profile_step, profile_path, None
+        self.sync_steps, self.sync_at = sync_steps, set(sync_at)
 
     def on_step_begin(self, args, state, control, **kw):
         if self.profile_step is not None and state.global_step == self.profile_step:
@@ -259,9 +272,9 @@ class Timer(TrainerCallback):
             self.prof.__enter__()
 
     def on_step_end(self, args, state, control, **kw):
-        sync()
-        self.ends.append(time.perf_counter())
         if self.prof is not None:
+            # The tables take seconds to build: before this step's end is taken, so that
+            # they never fall into a timed window (the profiled step is a warmup step).
             self.prof.__exit__(None, None, None)
             averages = self.prof.key_averages()
             table = averages.table(sort_by="self_cuda_time_total", row_limit=30) + \
@@ -270,6 +283,10 @@ class Timer(TrainerCallback):
             Path(self.profile_path).write_text(table)
             print(table[:6000])
             self.prof = None
+            sync()
+        if self.sync_steps or state.global_step in self.sync_at:
+            sync()
+        self.ends.append(time.perf_counter())
 
 
 def run_mode(a, text, data, world, local_rank, peak_tflops):
@@ -279,6 +296,7 @@ def run_mode(a, text, data, world, local_rank, peak_tflops):
 
     base, changes = parse_mode(text)
     packing = changes.pop("packing", 0)
+    optim = changes.pop("optim", None)
     packing = a.seq if packing is True else int(packing)     # packing=1: rows of --seq
     batch = a.batch
     if packing:
@@ -301,7 +319,8 @@ def run_mode(a, text, data, world, local_rank, peak_tflops):
     per_device = batch // world
     common = dict(per_device_train_batch_size=per_device, max_steps=a.warmup + a.steps,
                   learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0,
-                  logging_steps=1, save_strategy="no", report_to="none",
+                  logging_steps=a.warmup + a.steps, logging_first_step=True,
+                  save_strategy="no", report_to="none",
                   remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
                   optim="adamw_torch", bf16=a.dtype == "bfloat16", fp16=a.dtype == "float16",
                   output_dir=f"/tmp/perf_{os.getpid()}", ddp_find_unused_parameters=False,
@@ -313,26 +332,40 @@ def run_mode(a, text, data, world, local_rank, peak_tflops):
         from socratic_lora.train import training_arguments
         model, s = load_ours(a, base, changes)
         s.batch_size, s.max_steps, s.learning_rate = per_device, a.warmup + a.steps, 2e-4
-        s.lr_scheduler, s.warmup, s.logging_steps, s.save_steps = "constant", 0, 1, 10 ** 9
+        s.lr_scheduler, s.warmup, s.save_steps = "constant", 0, 10 ** 9
+        s.logging_steps = common["logging_steps"]
         s.output_dir, s.eval_data = common["output_dir"], None
         args = training_arguments(s, model, has_eval=False)
         args.disable_tqdm, args.save_strategy = True, "no"
+        if optim:                 # e.g. optim=adamw_torch_fused (torch's fused AdamW kernel)
+            from transformers.training_args import OptimizerNames
+            args.optim = OptimizerNames(optim)
     if hasattr(args, "train_sampling_strategy"):
         args.train_sampling_strategy = "sequential"     # identical batches in every mode
     else:
         args.group_by_length = False
     load_s = time.perf_counter() - t_load
     weights_gib = mem("memory_allocated", local_rank)
-    profile_step = a.warmup + 1 if a.profile and text in a.profile.split(";") else None
+    # The profiled step is the last warmup step (compiled by then), outside the timed window.
+    profile_step = (a.warmup - 1 if a.warmup >= 2 else a.warmup + 1) \
+        if a.profile and text in a.profile.split(";") else None
     timer = Timer(profile_step, os.path.join(a.profile_dir, f"profile_{len(a._done)}"
-                                                  f"{'_rank%d' % local_rank if world > 1 else ''}.txt"))
+                                                  f"{'_rank%d' % local_rank if world > 1 else ''}.txt"),
+                  sync_steps=a.sync_steps, sync_at=(max(a.warmup, 1), a.warmup + a.steps))
     sizes = []                      # (real tokens, padded slots) of each batch, in order
 
     def collate(rows):
         out = collator(rows)
         sizes.append((sum(len(r["input_ids"]) for r in rows), out["input_ids"].numel()))
         return out
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
+    if base == "reference":
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
+                          callbacks=[timer])
+    else:                       # our path trains with socratic_lora's Trainer, as train.py does
+        from socratic_lora.train import reliable_trainer_class
+        cls = reliable_trainer_class()
+        cls.settings = s
+        trainer = cls(model=model, args=args, train_dataset=data, data_collator=collate,
                       callbacks=[timer])
     t0 = time.perf_counter()
     trainer.train()
@@ -340,7 +373,10 @@ def run_mode(a, text, data, world, local_rank, peak_tflops):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     steps = [b - e for e, b in zip(timer.ends[a.warmup - 1:], timer.ends[a.warmup:])] \
         if a.warmup >= 1 else [b - e for e, b in zip(timer.ends, timer.ends[1:])]
-    step_s = statistics.median(steps)
+    if a.sync_steps:
+        step_s = statistics.median(steps)
+    else:                       # one window, synchronised at both ends (Timer)
+        step_s = (timer.ends[-1] - timer.ends[a.warmup - 1 if a.warmup >= 1 else 0]) / len(steps)
     tokens = a.batch * a.seq
     # The batches of the timed steps, counted in collation order (the loader collates one
     # batch ahead, so the collator's running count at a step's end is one batch too far).
@@ -361,8 +397,10 @@ def run_mode(a, text, data, world, local_rank, peak_tflops):
         "data": a.data, "packing": packing, "rows_per_step": batch,
         "tokens_per_s": round(tokens_per_s), "step_s": round(step_s, 4),
         "real_token_share": round(real / slots, 4),
-        "step_s_min": round(min(steps), 4), "step_s_max": round(max(steps), 4),
-        "timed_steps": len(steps),
+        # per-step extremes only when every step was synchronised (else: host intervals)
+        "step_s_min": round(min(steps), 4) if a.sync_steps else None,
+        "step_s_max": round(max(steps), 4) if a.sync_steps else None,
+        "timed_steps": len(steps), "timing": "every step" if a.sync_steps else "window",
         "peak_gib": round(mem("max_memory_allocated", local_rank), 3),
         "peak_gib_per_gpu": per_gpu, "gpus": gpus, "layer_devices": layer_devices(model),
         "peak_reserved_gib": round(mem("max_memory_reserved", local_rank), 3),
@@ -453,6 +491,9 @@ def main(argv=None):
     p.add_argument("--profile-dir", default=os.environ.get("OUT", "/tmp"))
     p.add_argument("--out", default=None, help="append JSON lines here")
     p.add_argument("--mode-timeout", type=int, default=0, help="give up on a mode after N s")
+    p.add_argument("--sync-steps", action="store_true",
+                   help="synchronise the GPU at every step's end (per-step times; the "
+                        "default times the window of all timed steps, synchronised at its ends)")
     a = p.parse_args(argv)
     a._done = []
     world = int(os.environ.get("WORLD_SIZE", 1))
