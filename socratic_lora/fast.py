@@ -92,15 +92,22 @@ class FastSettings:
 
 
 # --- chunked linear cross-entropy with the final logit softcap ---------------------------
-def _chunk_loss_and_grad(logits, target, cap: float | None):
+def _sum_of_exp_is_safe(cap: float | None, vocab: int) -> bool:
+    """exp of capped logits summed over the vocabulary stays below float32's maximum
+    (3.4e38 = e^88.7), so the max need not be subtracted."""
+    return cap is not None and cap + math.log(max(vocab, 1)) < 88.0
+
+
+def _chunk_loss_and_grad(logits, target, cap: float | None, safe: bool | None = None):
     """Summed cross entropy of one chunk of (uncapped) logits and d(sum)/d(logits).
 
     logits: [c, V] in the matmul dtype; target: [c] int64 (all valid). Works in float32.
-    With the softcap z = cap * tanh(x / cap) every |z| < cap, so exp(z) cannot overflow in
-    float32 for cap <= 80 and no max is subtracted (one pass fewer).
+    With the softcap z = cap * tanh(x / cap) every |z| < cap, so the row sum of exp(z) is
+    below V * e^cap and cannot overflow in float32 when cap + ln V < 88 (Gemma 2: 30 + 12.5);
+    then no max is subtracted (one pass fewer).
     """
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))   # may be the input itself
-    if cap is not None and cap <= 80:
+    if safe if safe is not None else _sum_of_exp_is_safe(cap, x.shape[-1]):
         t = x.div_(cap).tanh_()                       # in place: one float32 buffer
         zt = t.gather(1, target[:, None]).squeeze(1) * cap
         p = torch.exp(t * cap)                        # second float32 buffer
@@ -122,13 +129,14 @@ def _chunk_loss_and_grad(logits, target, cap: float | None):
     return loss, p.to(logits.dtype)
 
 
-def _chunk_loss_and_grad_for_compiler(logits, target, cap: float | None):
+def _chunk_loss_and_grad_for_compiler(logits, target, cap: float | None, safe: bool):
     """`_chunk_loss_and_grad` written for torch.compile: no in-place buffers and a one-hot
     by comparison instead of scatter, so the compiler makes one reduction over the logits
     (the row sums) and one element-wise pass that writes the gradient, recomputing the
     softcap there instead of storing float32 copies. One 256-token chunk on an H200
     (bench/loss_chunk.py): eager 1.66 ms, this 0.42 ms; the in-place version compiled made
-    3 kernels and about 0.48 ms (profile of session 7)."""
+    3 kernels and about 0.48 ms (profile of session 7). `safe`: `_sum_of_exp_is_safe`,
+    decided by the caller (a plain bool to the compiler, not a function of a symbolic size)."""
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if cap is not None:
         t = torch.tanh(x / cap)
@@ -137,7 +145,7 @@ def _chunk_loss_and_grad_for_compiler(logits, target, cap: float | None):
         t, z = None, x
     hit = torch.arange(z.shape[-1], device=z.device)[None, :] == target[:, None]
     zt = z.gather(1, target[:, None])
-    if cap is not None and cap <= 80:                 # |z| < cap: exp cannot overflow
+    if safe:                                          # |z| < cap: the sum cannot overflow
         s = torch.exp(z).sum(-1, keepdim=True)
         loss = (torch.log(s) - zt).sum()
         g = torch.exp(z) / s - hit.to(z.dtype)        # no logarithm per element
@@ -172,6 +180,7 @@ class _LinearSoftcapCE(torch.autograd.Function):
             else weight.dtype
         w = weight.to(dtype)
         fn = _chunk_fn(compile)
+        safe = _sum_of_exp_is_safe(cap, weight.shape[0])
         acc = torch.promote_types(dtype, torch.float32)
         total = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
@@ -180,7 +189,7 @@ class _LinearSoftcapCE(torch.autograd.Function):
         for i in range(0, h.shape[0], chunk):
             hc = h[i:i + chunk].to(dtype)
             with torch.autocast(h.device.type, enabled=False):
-                loss, dlogits = fn(hc @ w.t(), target[i:i + chunk], cap)
+                loss, dlogits = fn(hc @ w.t(), target[i:i + chunk], cap, safe)
                 total += loss
                 if need_h:
                     grad_h[i:i + chunk] = (dlogits @ w).to(h.dtype)
@@ -576,7 +585,11 @@ TUNED_FLEX_OPTIONS = {
 
 def _flex_kernel_options(lm) -> dict | None:
     """The measured options for this model's head size on its GPUs, if every GPU it uses
-    is of the kind they were measured on; None (torch's defaults) otherwise."""
+    is of the kind they were measured on and it computes in 16 bits (measured in bf16; in
+    float32 the same tiles would need twice the shared memory, more than the GPU has);
+    None (torch's defaults) otherwise."""
+    if lm.dtype not in (torch.bfloat16, torch.float16):
+        return None
     cfg = lm.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kinds = {torch.cuda.get_device_capability(p.device) if p.device.type == "cuda" else None
@@ -616,6 +629,11 @@ def _patch_loss(lm, s: FastSettings, attention_kwargs: dict | None = None):
                                       softcap=cap, chunk=s.ce_chunk,
                                       num_items_in_batch=num_items, shift_labels=shift_labels,
                                       compile=bool(s.compile))
+        # The loss is computed where the output matrix is (with balanced placement and an
+        # untied output matrix: the last GPU); Trainer expects it on the inputs' device.
+        where = input_ids if input_ids is not None else inputs_embeds
+        if where is not None:
+            loss = loss.to(where.device)
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
     lm.forward = types.MethodType(forward, lm)

@@ -421,8 +421,10 @@ def test_compiled_loss_chunk_equals_the_eager_one(cap):
     g = torch.Generator().manual_seed(11)
     logits = torch.randn(13, 301, generator=g, dtype=torch.float64) * 8
     target = torch.randint(0, 301, (13,), generator=g)
+    safe = fast._sum_of_exp_is_safe(cap, logits.shape[-1])
+    assert safe == (cap is not None)
     loss, grad = fast._chunk_loss_and_grad(logits.clone(), target, cap)
-    got_loss, got_grad = fast._chunk_fn(True)(logits.clone(), target, cap)
+    got_loss, got_grad = fast._chunk_fn(True)(logits.clone(), target, cap, safe)
     assert abs(got_loss.item() - loss.item()) < 1e-9
     assert torch.allclose(got_grad, grad, atol=1e-14, rtol=1e-10)
     # and both are the autograd gradient of the capped cross entropy
@@ -431,6 +433,45 @@ def test_compiled_loss_chunk_equals_the_eager_one(cap):
     ref = F.cross_entropy(z, target, reduction="sum")
     (ref_grad,) = torch.autograd.grad(ref, x)
     assert abs(ref.item() - loss.item()) < 1e-9 and torch.allclose(grad, ref_grad, atol=1e-12)
+
+
+def test_loss_subtracts_the_max_when_the_capped_sum_could_overflow_float32():
+    """Without subtracting the max, exp(z) summed over the vocabulary must stay below
+    float32's maximum: cap 80 over 256k entries would not (80 + ln 256000 = 92.5 > 88.7)."""
+    import socratic_lora.fast as fast
+    assert fast._sum_of_exp_is_safe(30.0, 256000) and fast._sum_of_exp_is_safe(50.0, 256000)
+    assert not fast._sum_of_exp_is_safe(80.0, 256000) and not fast._sum_of_exp_is_safe(None, 10)
+    logits = torch.full((2, 256000), 1e4, dtype=torch.float32)    # every z near the cap
+    target = torch.tensor([0, 5])
+    for fn, args in ((fast._chunk_loss_and_grad, ()), (fast._chunk_fn(True), (False,))):
+        loss, grad = fn(logits.clone(), target, 80.0, *args)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        assert abs(loss.item() - 2 * torch.log(torch.tensor(256000.0)).item()) < 1e-2
+
+
+def test_tuned_flex_options_are_chosen_by_gpu_kind_head_size_and_dtype(monkeypatch):
+    """The measured block sizes only for what they were measured on: every GPU of compute
+    capability 9.0, head_dim 256, 16-bit compute (float32 tiles would not fit)."""
+    import types
+
+    import socratic_lora.fast as fast
+    caps = {0: (9, 0), 1: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: caps[d.index])
+    cfg = types.SimpleNamespace(head_dim=256, hidden_size=2304, num_attention_heads=8)
+
+    def fake(devices, dtype=torch.bfloat16, config=cfg):
+        return types.SimpleNamespace(config=config, dtype=dtype, parameters=lambda: iter(
+            [types.SimpleNamespace(device=torch.device(d)) for d in devices]))
+    tuned = fast.TUNED_FLEX_OPTIONS[(9, 0, 256)]
+    assert fast._flex_kernel_options(fake(["cuda:0", "cuda:1"])) == tuned
+    assert fast._flex_kernel_options(fake(["cuda:0"], torch.float16)) == tuned
+    assert fast._flex_kernel_options(fake(["cuda:0"], torch.float32)) is None
+    assert fast._flex_kernel_options(fake(["cuda:0", "cpu"])) is None         # offloaded part
+    no_head_dim = types.SimpleNamespace(hidden_size=1024, num_attention_heads=8)   # 128
+    assert fast._flex_kernel_options(fake(["cuda:0"], config=no_head_dim)) is None
+    caps[1] = (8, 0)                                                          # an A100 beside
+    assert fast._flex_kernel_options(fake(["cuda:0", "cuda:1"])) is None
+    assert fast._flex_kernel_options(fake(["cuda:1"])) is None
 
 
 def test_tuned_flex_options_reach_the_attention_function_only_where_measured(monkeypatch):
