@@ -383,6 +383,12 @@ def run_mode(a, text, data, world, local_rank, peak_tflops):
     first = a.warmup if a.warmup >= 1 else 1
     timed = sizes[first:first + len(steps)]
     real, slots = sum(t for t, _ in timed), sum(n for _, n in timed)
+    if world > 1:                   # every process's batches (the collator saw its own only)
+        import torch.distributed as dist
+        both = torch.tensor([real, slots], dtype=torch.float64,
+                            device=f"cuda:{local_rank}" if CUDA else "cpu")
+        dist.all_reduce(both)
+        real, slots = int(both[0].item()), int(both[1].item())
     if a.data == "dialogues":       # padding is no work: real tokens over the timed time
         tokens_per_s = real / sum(steps)
     else:
