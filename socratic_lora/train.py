@@ -467,15 +467,16 @@ def reliable_trainer_class(base=None):
                     collator.counting = counting
 
         trained_tokens = 0    # real tokens of the batches trained on (the report's tokens/s)
-        _loss_probe = None    # set by compute_loss while training_step runs
+        _loss_probe = None    # False while training_step waits for compute_loss to set it
+
+        def _probe(self, loss):
+            return LossProbe(self.accelerator.gather(loss.detach().float().reshape(1)))  # all ranks stop
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                        num_items_in_batch=num_items_in_batch)
             if self._loss_probe is False:          # inside training_step, before backward
-                loss = out[0] if return_outputs else out
-                self._loss_probe = LossProbe(
-                    self.accelerator.gather(loss.detach().float().reshape(1)))   # all ranks stop
+                self._loss_probe = self._probe(out[0] if return_outputs else out)
             return out
 
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -489,7 +490,7 @@ def reliable_trainer_class(base=None):
             finally:
                 self._loss_probe = None
             if not probe:         # a subclass computed the loss some other way
-                probe = LossProbe(self.accelerator.gather(loss.detach().float().reshape(1)))
+                probe = self._probe(loss)
             every = probe.value()
             if not torch.isfinite(every).all():
                 bad = every[~torch.isfinite(every)][0].item()
