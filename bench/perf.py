@@ -16,8 +16,11 @@ Modes:
                  its default gradient checkpointing, eager attention.
   speed, memory  our path: socratic_lora.fast.load_for_training (the `mode:` training key).
   MODE:k=v,...   (modes are separated by ';') the same with FastSettings fields changed (chunked_ce, ce_chunk, attention,
-                 lean_kbit, fused_ops, checkpoint, offload, compile, dequant, flex_tuned) and/or
-                 dropout=... or optim=... (our modes: the Trainer's optimizer name);
+                 lean_kbit, fused_ops, checkpoint, offload, compile, dequant, flex_tuned,
+                 fuse_projections, cache_masks) and/or dropout=... or optim=... (our modes:
+                 the Trainer's optimizer name) or mask=1 (our modes: keep the attention mask
+                 in the batches, as the reference has it; by default our modes get batches
+                 as train.py makes them, prepare.Collator(causal_only=True));
                  `reference:attention=flex` is the recipe with one technique switched on.
 
 Each mode: fresh model, `--warmup` untimed steps (compilation), then `--steps` timed steps on
@@ -55,8 +58,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -281,6 +286,12 @@ class Timer(TrainerCallback):
                 "\n\nSorted by host (CPU) time:\n" + \
                 averages.table(sort_by="cpu_time_total", row_limit=40)
             Path(self.profile_path).write_text(table)
+            # The timeline too, for bench/gaps.py (where the GPU waits for the host).
+            trace = str(Path(self.profile_path).with_suffix("")) + ".trace.json"
+            self.prof.export_chrome_trace(trace)
+            with open(trace, "rb") as f, gzip.open(trace + ".gz", "wb") as g:
+                shutil.copyfileobj(f, g)
+            os.remove(trace)
             print(table[:6000])
             self.prof = None
             sync()
@@ -297,6 +308,9 @@ def run_mode(a, text, data, world, local_rank, peak_tflops):
     base, changes = parse_mode(text)
     packing = changes.pop("packing", 0)
     optim = changes.pop("optim", None)
+    # Our modes get batches as train.py makes them: right-padded, without an attention mask
+    # (prepare.Collator causal_only); `mask=1` keeps the mask, as the reference's batches.
+    causal_only = base != "reference" and not changes.pop("mask", False)
     packing = a.seq if packing is True else int(packing)     # packing=1: rows of --seq
     batch = a.batch
     if packing:
@@ -305,7 +319,7 @@ def run_mode(a, text, data, world, local_rank, peak_tflops):
         batch = max(1, a.batch * a.seq // packing)           # the same tokens a step
         print(packed, flush=True)
     else:
-        collator = Collator(0)
+        collator = Collator(0, causal_only=causal_only)
     if len(data) < (a.warmup + a.steps) * batch:
         raise SystemExit(f"{text}: {len(data)} rows make fewer than --warmup + --steps = "
                          f"{a.warmup + a.steps} batches of {batch}")
