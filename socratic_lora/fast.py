@@ -32,6 +32,10 @@ Each technique is one switch of `FastSettings`, so each can be measured on its o
   layer becomes one graph of fused kernels and cuBLAS calls. The 16-bit weight is never kept
   for backward: it is unpacked again there (eager: `_Linear4bit`; compiled: a checkpointed
   region, which the compiler's partitioner must recompute).
+- `fuse_projections` (with dequant="torch"): Gemma 2's q/k/v projections and the MLP's gate
+  and up projections read the same input; their 4-bit weights are unpacked into one stacked
+  matrix and multiplied once, and the LoRA adapters of q/k/v as one product with the stacked
+  A matrices and one with the block-diagonal B (fewer, larger matmuls, fewer launches).
 
 Correctness: tests/test_fast.py (CPU) checks the chunked loss and its gradients against the
 model's own loss; bench/perf.py compares the first-step loss and the LoRA gradients of each
@@ -69,6 +73,10 @@ class FastSettings:
                                      # layer they re-record every call, docs/performance.md)
     dequant: str = "bnb"             # bnb | torch (4-bit unpacking traced by torch.compile)
     flex_tuned: bool = True          # measured flex-attention block sizes on H100/H200
+    fuse_projections: bool | str = True  # q/k/v and gate/up as one 4-bit matmul each
+                                     # (dequant="torch"); "qkv": q/k/v only
+    cache_masks: bool = True         # flex attention, batches without a mask: causal masks built
+                                     # once per shape (Collator(causal_only=True) sends none)
 
     @classmethod
     def preset(cls, mode: str) -> "FastSettings":
@@ -80,11 +88,14 @@ class FastSettings:
             return cls(ce_chunk=256, checkpoint="none", offload=False, compile="layers",
                        dequant="torch")
         if mode == "memory":
+            # gate/up stay two matmuls: stacked, the MLP's backward holds both gradients and
+            # both weights at once (+60 MB at the peak, over Unsloth's 2.85 GiB).
             return cls(ce_chunk=128, checkpoint="all", offload=True, compile="layers",
-                       dequant="torch")
+                       dequant="torch", fuse_projections="qkv")
         if mode == "reference":
             return cls(chunked_ce=False, attention="eager", lean_kbit=False, fused_ops=False,
-                       checkpoint="keep", offload=False, compile=False, flex_tuned=False)
+                       checkpoint="keep", offload=False, compile=False, flex_tuned=False,
+                       fuse_projections=False, cache_masks=False)
         raise ValueError(f"mode={mode!r}: use reference, speed or memory")
 
     def replace(self, **changes) -> "FastSettings":
@@ -225,8 +236,12 @@ def chunked_causal_lm_loss(hidden, weight, labels, softcap: float | None = None,
     hidden = hidden.to(weight.device)
     shift_labels = shift_labels.to(hidden.device)
     mask = shift_labels != IGNORE
-    h = hidden[mask]                     # only positions that have a target
-    target = shift_labels[mask]
+    # Only positions that have a target. Integer indices, not the boolean mask: both cost one
+    # host synchronisation here (the count), but the mask's backward (index_put with a mask)
+    # would synchronise again at the start of backward and leave the GPU idle meanwhile.
+    idx = mask.reshape(-1).nonzero().squeeze(1)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
+    target = shift_labels.reshape(-1).index_select(0, idx)
     if chunk <= 0:
         raise ValueError(f"ce_chunk={chunk}: must be a positive number of tokens")
     total = _LinearSoftcapCE.apply(h, weight, target, softcap, chunk, compile)
@@ -461,8 +476,12 @@ def dequantize_4bit_torch(packed, absmax, code, blocksize, shape, dtype, nested=
     Equals `bitsandbytes.functional.dequantize_4bit` (tests/test_fast.py)."""
     if nested is not None:
         code2, absmax2, blocksize2, offset = nested
-        absmax = _blockwise(code2.float()[absmax.reshape(-1).long()], absmax2.float(),
-                            blocksize2) + offset
+        scales = _blockwise(code2.float()[absmax.reshape(-1).long()], absmax2.float(),
+                            blocksize2)
+        if offset.dim() == 0:
+            absmax = scales + offset
+        else:            # stacked layers (_stack_4bit): one offset per nested block
+            absmax = (scales.view(-1, blocksize2) + offset[:, None]).reshape(-1)
     n = math.prod(shape)
     p = packed.reshape(-1).view(torch.uint8)   # the bytes, whatever `quant_storage` holds them
     idx = torch.stack((p >> 4, p & 15), dim=-1).reshape(-1)[:n].long()
@@ -486,8 +505,11 @@ def _unpack(packed, absmax, code, code2, absmax2, offset, meta, dtype):
     return dequantize_4bit_torch(packed, absmax, code, blocksize, shape, dtype, nested)
 
 
-def _dequant_matmul(x, packed, absmax, code, code2, absmax2, offset, meta):
-    return x @ _unpack(packed, absmax, code, code2, absmax2, offset, meta, x.dtype).t()
+def _dequant_matmul(x, meta, sizes, *tensors):
+    """x @ W.T, split along the output into `sizes` (inside the region, so that the split
+    outputs stay must-recompute in a compiled layer, as a single layer's output is)."""
+    y = x @ _unpack(*tensors, meta, x.dtype).t()
+    return y.split(sizes, -1) if len(sizes) > 1 else (y,)
 
 
 class _Linear4bit(torch.autograd.Function):
@@ -495,10 +517,10 @@ class _Linear4bit(torch.autograd.Function):
     (saving it would keep a 16-bit copy of every layer's weights for backward)."""
 
     @staticmethod
-    def forward(ctx, x, packed, absmax, code, code2, absmax2, offset, meta):
-        ctx.save_for_backward(packed, absmax, code, code2, absmax2, offset)
+    def forward(ctx, x, meta, *tensors):
+        ctx.save_for_backward(*tensors)
         ctx.meta = meta
-        return _dequant_matmul(x, packed, absmax, code, code2, absmax2, offset, meta)
+        return x @ _unpack(*tensors, meta, x.dtype).t()
 
     @staticmethod
     def backward(ctx, grad):
@@ -508,25 +530,34 @@ class _Linear4bit(torch.autograd.Function):
         return (grad @ w,) + (None,) * 7
 
 
-def _linear4bit_forward(self, x):
-    """Forward of a bitsandbytes Linear4bit with torch unpacking: one function for every
-    module (read from `self`), so one compiled graph serves all layers of a shape."""
-    tensors, meta = _quant_parts(self.weight.quant_state)
+def _matmul_4bit(x, tensors, meta, compute_dtype, sizes):
+    """x @ W.T with W unpacked by torch ops from (packed, absmax, code, code2, absmax2,
+    offset) and `meta`; returns the output split into `sizes`, each in x's dtype."""
     dt = x.dtype
-    h = x.to(self.compute_dtype) if self.compute_dtype is not None else x
+    h = x.to(compute_dtype) if compute_dtype is not None else x
     if torch.compiler.is_compiling():
         # Inside a compiled layer the partitioner would merge the backward's dequantisation
         # with the forward's and keep the 16-bit weight for backward (it must be
         # materialised for the matmul there): +156 MB per Gemma 2 2B layer. Ops inside a
         # checkpointed region are marked must-recompute instead; only the dequantisation
         # is redone in backward (the matmul's output is not needed there).
-        out = torch.utils.checkpoint.checkpoint(_dequant_matmul, h, self.weight, *tensors, meta,
-                                                use_reentrant=False)
+        outs = torch.utils.checkpoint.checkpoint(_dequant_matmul, h, meta, tuple(sizes),
+                                                 *tensors, use_reentrant=False)
     else:
-        out = _Linear4bit.apply(h, self.weight, *tensors, meta)
+        y = _Linear4bit.apply(h, meta, *tensors)
+        outs = y.split(sizes, -1) if len(sizes) > 1 else (y,)
+    return tuple(o.to(dt) for o in outs)
+
+
+def _linear4bit_forward(self, x):
+    """Forward of a bitsandbytes Linear4bit with torch unpacking: one function for every
+    module (read from `self`), so one compiled graph serves all layers of a shape."""
+    tensors, meta = _quant_parts(self.weight.quant_state)
+    (out,) = _matmul_4bit(x, (self.weight, *tensors), meta, self.compute_dtype,
+                          (self.out_features,))
     if self.bias is not None:
         out = out + self.bias.to(out.dtype)
-    return out.to(dt)
+    return out
 
 
 def _patch_linear4bit(lm):
@@ -551,6 +582,216 @@ def _patch_linear4bit(lm):
         mod.forward = types.MethodType(_linear4bit_forward, mod)
         n += 1
     return n
+
+
+# --- q/k/v and gate/up as one matmul each -----------------------------------------------
+def _base_and_lora(mod):
+    """(the base layer, the peft LoRA wrapper or None) of a projection."""
+    base = getattr(mod, "base_layer", None)
+    return (base, mod) if base is not None and hasattr(mod, "lora_A") else (mod, None)
+
+
+def _fusable(mods) -> bool:
+    """Whether projections reading the same input can be computed as one: all 4-bit layers
+    on our torch unpacking with the same input size and compute dtype and no bias, and
+    either all or none wrapped by LoRA."""
+    bases, loras = zip(*(_base_and_lora(m) for m in mods))
+    if len({l is None for l in loras}) != 1:
+        return False
+    for b in bases:
+        fwd = getattr(getattr(b, "forward", None), "__func__", None)
+        if fwd is not _linear4bit_forward or b.bias is not None:
+            return False
+    return len({(b.in_features, b.compute_dtype, b.weight.device) for b in bases}) == 1
+
+
+def _stack_4bit(owner, layers) -> bool:
+    """Move the 4-bit data of `layers` into one buffer per kind (packed bytes, block scales,
+    nested scales), kept on `owner`; each layer's own tensors become views into them, so no
+    memory is added and the layers still work on their own (generation, peft's path).
+    Stacked, the weights unpack in one plain element-wise kernel (unpacking them separately
+    and concatenating ran 3x slower on an H200). False, with nothing changed, when the
+    layers' formats differ or a layer's blocks do not end where it ends."""
+    qss = [layer.weight.quant_state for layer in layers]
+    q0 = qss[0]
+    for layer, q in zip(layers, qss):
+        n = math.prod(q.shape)
+        if (q.blocksize != q0.blocksize or q.nested != q0.nested or n % q.blocksize
+                or q.code is None or not torch.equal(q.code, q0.code)
+                or not layer.weight.is_contiguous()
+                or layer.weight.numel() * layer.weight.element_size() * 2 != n):
+            return False
+        if q.nested and (q.state2.blocksize != q0.state2.blocksize
+                         or (n // q.blocksize) % q.state2.blocksize
+                         or not torch.equal(q.state2.code, q0.state2.code)):
+            return False
+
+    def stack(tensors):
+        """One buffer holding `tensors` (as bytes); the views of it, shaped as they were."""
+        flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors])
+        views, at = [], 0
+        for t in tensors:
+            nbytes = t.numel() * t.element_size()
+            views.append(flat[at:at + nbytes].view(t.dtype).view(t.shape))
+            at += nbytes
+        return flat, views
+
+    packed, views = stack([layer.weight.data for layer in layers])
+    for layer, v in zip(layers, views):
+        layer.weight.data = v
+    absmax, views = stack([q.absmax for q in qss])
+    for q, v in zip(qss, views):
+        q.absmax = v
+    absmax_dtype = q0.absmax.dtype
+    absmax2 = offsets = code2 = None
+    if q0.nested:
+        absmax2, views = stack([q.state2.absmax for q in qss])
+        for q, v in zip(qss, views):
+            q.state2.absmax = v
+        absmax2 = absmax2.view(q0.state2.absmax.dtype)
+        offsets = torch.cat([q.offset.float().reshape(1).expand(q.state2.absmax.numel())
+                             for q in qss])
+        code2 = q0.state2.code
+    owner.register_buffer("_socratic_packed", packed, persistent=False)
+    owner.register_buffer("_socratic_absmax", absmax.view(absmax_dtype), persistent=False)
+    owner.register_buffer("_socratic_code", q0.code, persistent=False)
+    owner.register_buffer("_socratic_code2", code2, persistent=False)
+    owner.register_buffer("_socratic_absmax2", absmax2, persistent=False)
+    owner.register_buffer("_socratic_offsets", offsets, persistent=False)
+    rows = sum(q.shape[0] for q in qss)
+    owner._socratic_meta = (q0.blocksize, (rows, q0.shape[1]),
+                            q0.state2.blocksize if q0.nested else None)
+    owner._socratic_sizes = tuple(q.shape[0] for q in qss)
+    return True
+
+
+def _one_plain_adapter(loras):
+    """The adapter name if every wrapper applies exactly that one adapter now, as plain LoRA
+    without dropout (what the stacked computation does); None otherwise (adapters disabled
+    or merged, several active, DoRA or another variant, dropout: then each projection runs
+    on its own, as peft does)."""
+    name = None
+    for m in loras:
+        if m.disable_adapters or m.merged:
+            return None
+        active = [a for a in m.active_adapters if a in m.lora_A]
+        if len(active) != 1 or (name is not None and active[0] != name):
+            return None
+        name = active[0]
+        if name in getattr(m, "lora_variant", {}) or not isinstance(m.lora_dropout[name],
+                                                                      torch.nn.Identity):
+            return None
+    return name
+
+
+def _fused_projections(owner, x, mods):
+    """[m(x) for m in mods] as one unpacked 4-bit matmul with the weights `_stack_4bit` put
+    on `owner` (and, with LoRA, one product with the stacked A matrices and one with the
+    block-diagonal B), or None when the adapters' state needs peft's own per-projection
+    path. Equals peft's computation up to rounding (tests/test_fast.py): fewer, larger
+    matrix products and fewer kernels to launch."""
+    bases, loras = zip(*(_base_and_lora(m) for m in mods))
+    name = None
+    if loras[0] is not None:
+        name = _one_plain_adapter(loras)
+        if name is None:
+            return None
+    tensors = (owner._socratic_packed, owner._socratic_absmax, owner._socratic_code,
+               owner._socratic_code2, owner._socratic_absmax2, owner._socratic_offsets)
+    ys = _matmul_4bit(x, tensors, owner._socratic_meta, bases[0].compute_dtype,
+                      owner._socratic_sizes)
+    if name is None:
+        return ys
+    # As peft's bnb.Linear4bit: without autocast the adapters compute in their own dtype
+    # and the result is cast back; under autocast the products run in the autocast dtype.
+    convert = not torch.is_autocast_enabled()
+    a = torch.cat([m.lora_A[name].weight for m in loras], 0)
+    xa = x.to(a.dtype) if convert else x
+    scales = [m.scaling[name] for m in loras]
+    bs = [m.lora_B[name].weight for m in loras]
+    if len(set(scales)) == 1:
+        delta = F.linear(F.linear(xa, a), torch.block_diag(*bs)) * scales[0]
+    else:
+        delta = F.linear(F.linear(xa, a), torch.block_diag(*(b * c for b, c in zip(bs, scales))))
+    if convert:
+        delta = delta.to(ys[0].dtype)
+    return tuple(y + d for y, d in zip(ys, delta.split(owner._socratic_sizes, -1)))
+
+
+def _attention_forward_fused(self, hidden_states, position_embeddings=None,
+                             attention_mask=None, *args, **kwargs):
+    """Gemma2Attention.forward with q, k and v from `_fused_projections`. With a key/value
+    cache (generation) or adapters peft must apply itself, the original forward runs."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    qkv = None
+    if not args and cache is None:
+        qkv = _fused_projections(self, hidden_states, (self.q_proj, self.k_proj, self.v_proj))
+    if qkv is None:
+        return self._socratic_unfused_forward(hidden_states, position_embeddings,
+                                              attention_mask, *args, **kwargs)
+    kwargs.pop("cache", None)
+    kwargs.pop("past_key_values", None)
+    ns = self._socratic_namespace
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    q, k, v = (t.view(hidden_shape).transpose(1, 2) for t in qkv)
+    cos, sin = position_embeddings
+    q, k = ns.apply_rotary_pos_emb(q, k, cos, sin)
+    impl = self.config._attn_implementation
+    table = ns.ALL_ATTENTION_FUNCTIONS
+    if hasattr(table, "get_interface"):
+        attention = table.get_interface(impl, ns.eager_attention_forward)
+    else:
+        attention = ns.eager_attention_forward if impl == "eager" else table[impl]
+    out, weights = attention(self, q, k, v, attention_mask,
+                             dropout=self.attention_dropout if self.training else 0.0,
+                             scaling=self.scaling, sliding_window=self.sliding_window,
+                             softcap=self.attn_logit_softcapping, **kwargs)
+    out = out.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(out), weights
+
+
+def _mlp_forward_fused(self, x):
+    """A gated MLP's forward with gate and up from `_fused_projections`."""
+    gate_up = _fused_projections(self, x, (self.gate_proj, self.up_proj))
+    if gate_up is None:
+        return self._socratic_unfused_forward(x)
+    gate, up = gate_up
+    compiled = getattr(self, "_socratic_gelu_mul", None)     # set by _patch_fused
+    if compiled is not None:
+        return self.down_proj(gelu_mul(gate, up, compiled))
+    return self.down_proj(self.act_fn(gate) * up)
+
+
+# MLPs whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)).
+_GATED_MLPS = ("GemmaMLP", "Gemma2MLP", "Gemma3MLP", "LlamaMLP")
+
+
+def _patch_fused_projections(lm, gate_up: bool = True):
+    """Gemma 2's q/k/v and (gate_up) every gated MLP's gate/up as one matmul each (on 4-bit
+    layers with torch unpacking). Returns (attention modules, MLPs) patched."""
+    import sys
+    n_attn = n_mlp = 0
+    for mod in lm.modules():
+        name = type(mod).__name__
+        if name == "Gemma2Attention" and _fusable((mod.q_proj, mod.k_proj, mod.v_proj)):
+            ns = sys.modules[type(mod).__module__]
+            if not all(hasattr(ns, f) for f in ("apply_rotary_pos_emb", "eager_attention_forward",
+                                                 "ALL_ATTENTION_FUNCTIONS")):
+                continue
+            if not _stack_4bit(mod, [_base_and_lora(m)[0] for m in
+                                     (mod.q_proj, mod.k_proj, mod.v_proj)]):
+                continue
+            mod._socratic_namespace = ns
+            mod._socratic_unfused_forward = mod.forward
+            mod.forward = types.MethodType(_attention_forward_fused, mod)
+            n_attn += 1
+        elif (gate_up and name in _GATED_MLPS and _fusable((mod.gate_proj, mod.up_proj))
+              and _stack_4bit(mod, [_base_and_lora(m)[0] for m in (mod.gate_proj, mod.up_proj)])):
+            mod._socratic_unfused_forward = mod.forward
+            mod.forward = types.MethodType(_mlp_forward_fused, mod)
+            n_mlp += 1
+    return n_attn, n_mlp
 
 
 # --- applying the techniques to a model -------------------------------------------------
@@ -600,10 +841,52 @@ def _flex_kernel_options(lm) -> dict | None:
     return dict(opts) if opts else None
 
 
+def _causal_mask_cache(lm, size: int = 8):
+    """For Gemma 2 with flex attention: a function (input_ids) -> the model's mask mapping
+    ({"full_attention": ..., "sliding_attention": ...}) for batches with neither attention
+    mask nor position ids, built by transformers' own functions once per (batch, length,
+    device) and reused; None for other models.
+
+    Without it the model rebuilds the same two BlockMasks at every forward: about 3 ms of
+    host work, during which the GPU waits (bench/gaps.py). They hold only block indices
+    (read, never written, by forward and backward), so one object can serve every step."""
+    import sys
+    from collections import OrderedDict
+    base = lm.model
+    cfg = base.config
+    ns = sys.modules[type(base).__module__]
+    makers = {"full_attention": getattr(ns, "create_causal_mask", None),
+              "sliding_attention": getattr(ns, "create_sliding_window_causal_mask", None)}
+    types_ = set(getattr(cfg, "layer_types", None) or ())
+    if (type(base).__name__ != "Gemma2Model" or not types_ or not types_ <= set(makers)
+            or None in makers.values()):
+        return None
+    cache = OrderedDict()
+
+    def masks(input_ids):
+        if cfg._attn_implementation != "flex_attention":
+            return None                  # eager/sdpa masks are cheap and may be skipped
+        b, n = input_ids.shape
+        key = (b, n, input_ids.device)
+        if key not in cache:
+            # Only the embeddings' shape, dtype and device are read: an expanded view.
+            embeds = torch.empty((1, 1, 1), dtype=lm.dtype, device=input_ids.device).expand(
+                b, n, cfg.hidden_size)
+            pos = torch.arange(n, device=input_ids.device).unsqueeze(0)
+            # Positional: the 4th parameter is named past_key_values or cache by version.
+            cache[key] = {t: makers[t](cfg, embeds, None, None, position_ids=pos) for t in types_}
+            while len(cache) > size:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+        return cache[key]
+    return masks
+
+
 def _patch_loss(lm, s: FastSettings, attention_kwargs: dict | None = None):
     original = lm.forward
     cap = getattr(lm.config, "final_logit_softcapping", None)
     attention_kwargs = attention_kwargs or {}
+    masks = _causal_mask_cache(lm) if s.cache_masks else None
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
@@ -622,6 +905,14 @@ def _patch_loss(lm, s: FastSettings, attention_kwargs: dict | None = None):
         if s.compile_mode in ("reduce-overhead", "max-autotune") and torch.is_grad_enabled():
             # CUDA graphs: the previous step's outputs are no longer needed (its backward ran).
             torch.compiler.cudagraph_mark_step_begin()
+        # (peft's causal-LM wrapper passes output_attentions/output_hidden_states/return_dict,
+        # None unless asked for; anything else, e.g. packed-sequence arguments, needs the
+        # model's own masks.)
+        extra = [k for k, v in kwargs.items() if v is not None and k not in
+                 ("output_attentions", "output_hidden_states", "return_dict")]
+        if (masks is not None and attention_mask is None and position_ids is None
+                and input_ids is not None and not extra):
+            attention_mask = masks(input_ids)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, inputs_embeds=inputs_embeds,
                          use_cache=False, **attention_kwargs, **kwargs)
@@ -660,6 +951,7 @@ def _patch_fused(lm, s: FastSettings):
             def mlp_forward(self, x):
                 return self.down_proj(gelu_mul(self.gate_proj(x), self.up_proj(x), s.compile is True))
             mod.forward = types.MethodType(mlp_forward, mod)
+            mod._socratic_gelu_mul = s.compile is True        # for _mlp_forward_fused
             n_mlp += 1
     return n_norm, n_mlp
 
@@ -732,6 +1024,8 @@ def apply_fast_path(model, settings: FastSettings | str = "speed"):
     # Every setting is checked before the model is touched.
     if s.attention not in ("flex", "eager"):
         raise ValueError(f"attention={s.attention!r}: use flex or eager")
+    if s.fuse_projections not in (True, False, "qkv"):
+        raise ValueError(f"fuse_projections={s.fuse_projections!r}: use True, False or 'qkv'")
     if s.dequant not in ("bnb", "torch"):
         raise ValueError(f"dequant={s.dequant!r}: use bnb or torch")
     if s.compile not in (False, True, "layers", "model"):
@@ -767,6 +1061,9 @@ def apply_fast_path(model, settings: FastSettings | str = "speed"):
         report["fused_norms"], report["fused_mlps"] = _patch_fused(lm, s)
     if s.dequant == "torch":
         report["linear4bit_torch"] = _patch_linear4bit(lm)
+        if s.fuse_projections:
+            report["fused_qkv"], report["fused_gate_up"] = _patch_fused_projections(
+                lm, gate_up=s.fuse_projections is True)
     report["checkpointed_layers"] = _set_checkpointing(lm, s)
     if s.compile == "model":
         # One graph (forward and backward) for embedding, masks, all layers and the final

@@ -189,10 +189,16 @@ def tokenize_examples(tokenizer, dialogues, max_length: int = 1024, policy: str 
 
 class Collator:
     """Pads a batch to its longest example (not to max_length): labels with -100, inputs with
-    the pad id, on the right for training. With length-grouped batches, little is padding."""
+    the pad id, on the right for training. With length-grouped batches, little is padding.
 
-    def __init__(self, pad_id: int, multiple_of: int = 8):
-        self.pad_id, self.multiple_of = pad_id, multiple_of
+    causal_only: no `attention_mask` in the batch. The padding is on the right, and a causal
+    model never lets a position see a later one, so no real token sees the padding; the
+    padded positions' own outputs are discarded (their labels are -100). The model then
+    builds only the causal (and sliding-window) mask, which the fast path builds once per
+    shape (fast.py, cache_masks) instead of once per batch."""
+
+    def __init__(self, pad_id: int, multiple_of: int = 8, causal_only: bool = False):
+        self.pad_id, self.multiple_of, self.causal_only = pad_id, multiple_of, causal_only
         self.tokens = 0       # real (non-pad) tokens of the training batches collated
         self.counting = True  # off while evaluating (train.ReliableTrainer)
         # Each counted batch's real tokens, in order, until a training step takes it: the
@@ -219,8 +225,10 @@ class Collator:
         def pad(key, value):
             return torch.tensor([b[key] + [value] * (n - len(b[key])) for b in batch])
         self._count(batch)
-        return {"input_ids": pad("input_ids", self.pad_id),
-                "attention_mask": pad("attention_mask", 0), "labels": pad("labels", IGNORE)}
+        out = {"input_ids": pad("input_ids", self.pad_id), "labels": pad("labels", IGNORE)}
+        if not self.causal_only:
+            out["attention_mask"] = pad("attention_mask", 0)
+        return out
 
 
 # --- packing: several examples in one row, each attending only to itself -----------------

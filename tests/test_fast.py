@@ -146,7 +146,9 @@ def test_bad_settings_are_refused_with_the_allowed_values(tmp_path):
                                                     "'layers' or 'model'"),
                        (dict(compile="layers", compile_mode="fast"), "compile_mode='fast'"),
                        (dict(compile="model", checkpoint="all", offload=True),
-                        "offloaded checkpoints need compile='layers'")):
+                        "offloaded checkpoints need compile='layers'"),
+                       (dict(fuse_projections="mlp"), "fuse_projections='mlp': use True, "
+                                                      "False or 'qkv'")):
         with pytest.raises(ValueError, match=match):
             apply_fast_path(model, FastSettings(**bad))
         # refused before anything was changed: attention, loss and layers as they were
@@ -196,19 +198,19 @@ def test_torch_dequantization_equals_bitsandbytes(quant_type, nested, shape):
     assert (got.float() - w.float()).abs().max() > 0       # it really was quantized
 
 
-def _tiny_4bit_lora(path):
+def _tiny_4bit_lora(path, dtype=torch.bfloat16, **lora):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from socratic_lora.fast import lean_kbit_preparation
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16,
+                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=dtype,
                                                  device_map={"": "cpu"},
                                                  attn_implementation="eager")
     torch.manual_seed(0)                     # the same random LoRA weights every time
-    model = get_peft_model(lean_kbit_preparation(model), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        init_lora_weights=False))
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+            "init_lora_weights": False, **lora}
+    model = get_peft_model(lean_kbit_preparation(model), LoraConfig(**lora))
     model.train()
     return model
 
@@ -237,7 +239,7 @@ def test_torch_dequant_path_equals_bitsandbytes_and_compiles_without_graph_break
     ref_loss, ref = loss_and_grads(_tiny_4bit_lora(path))
     model = _tiny_4bit_lora(path)
     settings = FastSettings(chunked_ce=False, attention="eager", fused_ops=False,
-                            checkpoint="none", dequant="torch")
+                            checkpoint="none", dequant="torch", fuse_projections=False)
     apply_fast_path(model, settings)
     assert model.fast_report["linear4bit_torch"] == 6 * 7
     loss, got = loss_and_grads(model)
@@ -266,6 +268,143 @@ def test_torch_dequant_path_equals_bitsandbytes_and_compiles_without_graph_break
     assert abs(loss - ref_loss) < 1e-6
     for n in ref:
         assert torch.allclose(got[n], ref[n], rtol=1e-2, atol=1e-6), n
+    torch._dynamo.reset()
+
+
+def _stackable_config(layers):
+    """A tiny Gemma 2 whose 4-bit layers can be stacked: with double quantization each
+    layer must hold whole nested blocks (256 blocks of 64 values): hidden 256, q/k/v
+    256/128/128 x 256, gate/up 512 x 256."""
+    cfg = tiny_gemma2_config(layers=layers)
+    cfg.hidden_size, cfg.intermediate_size, cfg.head_dim = 256, 512, 64
+    return cfg
+
+
+def _fused_and_unfused(path, ids, fused_settings=None, fuse=True, **lora):
+    """Loss and LoRA gradients (float32, 4-bit, torch unpacking) with and without stacked
+    projections; the fused model for further checks."""
+    def run(on):
+        model = _tiny_4bit_lora(path, torch.float32, **lora)
+        settings = fused_settings or FastSettings(attention="eager", checkpoint="none",
+                                                  dequant="torch")
+        apply_fast_path(model, settings.replace(fuse_projections=on and fuse))
+        torch.manual_seed(5)                 # the same dropout masks, where there are any
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return model, loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                    if p.requires_grad}
+    _, ref_loss, ref = run(False)
+    model, loss, got = run(True)
+    return model, (ref_loss, ref), (loss, got)
+
+
+def _assert_close_grads(got, ref, rtol):
+    assert got.keys() == ref.keys() and ref
+    for n in ref:
+        err = ((got[n] - ref[n]).abs().max() / ref[n].abs().max()).item()
+        assert err < rtol, (n, err)
+
+
+@pytest.mark.parametrize("lora", [
+    {},                                                       # q/k/v/o: one scaling
+    {"rank_pattern": {"k_proj": 2}},                          # k's scaling differs
+    {"target_modules": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]},
+    {"fuse": "qkv"},                                          # the memory preset's choice
+])
+def test_stacked_projections_give_pefts_loss_and_gradients(tmp_path, lora):
+    """q/k/v (and gate/up) as one unpacked 4-bit matmul and the LoRA products stacked: in
+    float32 the same loss and LoRA gradients as peft's per-projection computation."""
+    pytest.importorskip("bitsandbytes")
+    from conftest import save_tiny
+    path = save_tiny(_stackable_config(2), tmp_path / "m")
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    fuse = lora.pop("fuse", True)
+    model, (ref_loss, ref), (loss, got) = _fused_and_unfused(path, ids, fuse=fuse, **lora)
+    assert model.fast_report["fused_qkv"] == 2
+    assert model.fast_report["fused_gate_up"] == (2 if fuse is True else 0)
+    assert abs(loss - ref_loss) < 1e-5
+    _assert_close_grads(got, ref, 1e-4)
+    # The layers' own 4-bit data are views into the stacked buffers (no copy kept), still
+    # valid for bitsandbytes, and the stacked unpacking equals bitsandbytes' for each part.
+    import bitsandbytes.functional as bf
+
+    from socratic_lora.fast import _unpack
+    attn = model.get_base_model().model.layers[1].self_attn
+    bases = [getattr(attn, n).base_layer for n in ("q_proj", "k_proj", "v_proj")]
+    stacked = attn._socratic_packed
+    for b in bases:
+        assert b.weight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
+    want = torch.cat([bf.dequantize_4bit(b.weight, b.weight.quant_state) for b in bases])
+    got_w = _unpack(stacked, attn._socratic_absmax, attn._socratic_code, attn._socratic_code2,
+                    attn._socratic_absmax2, attn._socratic_offsets, attn._socratic_meta,
+                    torch.float32)
+    assert torch.equal(got_w, want)
+
+
+def test_stacked_projections_step_aside_when_peft_must_compute_per_projection(tmp_path):
+    """With LoRA dropout (a mask per projection), with only some projections adapted, and
+    with the adapters disabled, peft's own path runs for q/k/v (the MLP without adapters
+    stays stacked: equal up to float32 rounding; dropping the dropout would differ by far
+    more)."""
+    pytest.importorskip("bitsandbytes")
+    from conftest import save_tiny
+    path = save_tiny(_stackable_config(2), tmp_path / "m")
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    model, (ref_loss, ref), (loss, got) = _fused_and_unfused(path, ids, lora_dropout=0.1)
+    assert model.fast_report["fused_qkv"] == 2 and model.fast_report["fused_gate_up"] == 2
+    assert abs(loss - ref_loss) < 1e-6
+    _assert_close_grads(got, ref, 1e-5)
+    # gate has an adapter, up has none: the MLP is not stacked; q/k/v still are.
+    model, (ref_loss, ref), (loss, got) = _fused_and_unfused(
+        path, ids, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj"])
+    assert model.fast_report["fused_gate_up"] == 0 and model.fast_report["fused_qkv"] == 2
+    with torch.no_grad(), model.disable_adapter():
+        off = model(input_ids=ids, labels=ids).loss.item()
+    plain = _tiny_4bit_lora(path, torch.float32)
+    apply_fast_path(plain, FastSettings(attention="eager", checkpoint="none", dequant="torch",
+                                        fuse_projections=False))
+    with torch.no_grad(), plain.disable_adapter():
+        assert plain(input_ids=ids, labels=ids).loss.item() == off
+
+
+def test_stacked_projections_compile_into_one_graph_and_save_no_16bit_weight(tmp_path):
+    """Compiled, the stacked 4-bit weights are unpacked again in backward like single ones
+    (no [q+k+v, H] or [2 x intermediate, H] 16-bit matrix saved), with no graph break and one
+    graph per layer kind."""
+    pytest.importorskip("bitsandbytes")
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    from conftest import save_tiny
+    path = save_tiny(_stackable_config(4), tmp_path / "m")
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    _, (ref_loss, ref), _ = _fused_and_unfused(path, ids)
+    model = _tiny_4bit_lora(path, torch.float32)
+    apply_fast_path(model, FastSettings(attention="eager", checkpoint="none", dequant="torch"))
+    torch._dynamo.reset()
+    counters.clear()
+    count = CompileCounterWithBackend("aot_eager_decomp_partition")   # inductor's partitioner
+    for layer in model.get_base_model().model.layers:
+        layer.compile(backend=count, dynamic=False)
+    saved = []
+
+    def keep_shape(t):
+        saved.append(tuple(t.shape))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep_shape, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    # q/k/v stacked 512 x 256, gate/up stacked 1024 x 256, o 256 x 256, down 256 x 512, and
+    # their transposes
+    weights = {(512, 256), (1024, 256), (256, 256), (256, 512)}
+    weights |= {w[::-1] for w in weights}
+    assert saved and not weights & set(saved), weights & set(saved)
+    assert count.frame_count == 2, count.frame_count
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert abs(loss.item() - ref_loss) < 1e-5
+    _assert_close_grads(got, ref, 1e-4)
     torch._dynamo.reset()
 
 
@@ -505,3 +644,71 @@ def test_tuned_flex_options_reach_the_attention_function_only_where_measured(mon
     model = apply_fast_path(_tiny_lora(), settings.replace(flex_tuned=False))
     model(**batch)
     assert len(seen) == 3 and all(o is None for o in seen)
+
+
+def test_causal_masks_are_built_once_per_shape_for_batches_without_a_mask(monkeypatch):
+    """Flex attention on batches with neither attention mask nor position ids (right-padded
+    batches from Collator(causal_only=True)): transformers' own mask functions run once per
+    (batch, length), the masks are reused, and the loss equals the model's with an all-ones
+    mask. Batches with a mask still get transformers' per-batch masks."""
+    import sys
+    model = _tiny_lora().float()
+    ns = sys.modules[type(model.get_base_model().model).__module__]
+    calls = []
+    for name in ("create_causal_mask", "create_sliding_window_causal_mask"):
+        real = getattr(ns, name)
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls.append((_name, (a[1] if len(a) > 1 else k["inputs_embeds"]).shape[:2]))
+            return _real(*a, **k)
+        monkeypatch.setattr(ns, name, counted)
+    apply_fast_path(model, FastSettings(attention="flex", checkpoint="none"))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (2, 24), generator=g)
+    with torch.no_grad():                # flex attention has no backward on the CPU
+        first = model(input_ids=ids, labels=ids).loss
+        assert len(calls) == 2
+        other = torch.randint(3, VOCAB, (2, 24), generator=g)
+        # as Trainer calls it through peft's causal-LM wrapper
+        model(input_ids=other, labels=other, output_attentions=None,
+              output_hidden_states=None, return_dict=True)
+        assert len(calls) == 2                                   # same shape: reused
+        masked = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        assert len(calls) == 4                                   # a mask: built per batch
+        longer = torch.randint(3, VOCAB, (2, 40), generator=g)
+        model(input_ids=longer, labels=longer)
+    assert len(calls) == 6 and calls[-1][1] == (2, 40)
+    assert torch.equal(first, masked)
+
+
+def test_right_padded_batches_train_the_same_without_an_attention_mask():
+    """Collator(causal_only=True): no real token can see right padding through a causal
+    mask, so the loss and LoRA gradients equal those with the padding mask (float64). With
+    padding longer than Gemma 2's sliding window, the padding mask leaves padded positions
+    nothing to attend to and eager attention gives NaN; without the mask they stay finite."""
+    from socratic_lora.prepare import Collator
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for n in (100, 37, 9):
+        ids = torch.randint(3, VOCAB, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * n,
+                     "labels": [-100] * (n // 3) + ids[n // 3:]})
+    masked, plain = Collator(0)(rows), Collator(0, causal_only=True)(rows)
+    assert "attention_mask" not in plain and masked["attention_mask"].eq(0).any()
+    assert torch.equal(masked["input_ids"], plain["input_ids"])
+
+    def run(batch, settings, window):
+        model = _tiny_lora()
+        model.config.sliding_window = window
+        if settings is not None:
+            apply_fast_path(model, settings)
+        return _loss_and_lora_grads(model, batch)
+    for settings in (None, FastSettings(attention="eager", checkpoint="none")):
+        (ref_loss, ref), (loss, got) = run(masked, settings, 128), run(plain, settings, 128)
+        assert abs(loss - ref_loss) < 1e-10, settings
+        for n in ref:
+            assert torch.allclose(got[n], ref[n], rtol=1e-9, atol=1e-12), (settings, n)
+    # 91 padded positions in the last row, a window of 16:
+    assert run(masked, None, 16)[0] != run(masked, None, 16)[0]          # NaN
+    loss, got = run(plain, None, 16)
+    assert loss == loss and all(t.isfinite().all() for t in got.values())
