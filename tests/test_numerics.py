@@ -108,3 +108,26 @@ def test_the_loss_is_checked_from_the_forward_not_after_backward(monkeypatch, co
         assert math.isfinite(probed) and abs(probed - backed) < 1e-6   # the same loss
     s = load_settings(str(cfg))
     assert train_module.training_arguments(s, None, has_eval=False).logging_nan_inf_filter is False
+
+
+def test_parameters_are_counted_once_for_the_flops_estimate(monkeypatch, config):
+    """Trainer's flops estimate recounts the model's parameters at every step (milliseconds
+    of host time for a 4-bit Gemma 2 2B, with the GPU waiting where the host is behind);
+    ReliableTrainer counts them once and gives the same estimate."""
+    from transformers import PreTrainedModel
+    cfg, out = config
+    counts = []
+    real = PreTrainedModel.num_parameters
+
+    def counted(self, *args, **kwargs):
+        n = real(self, *args, **kwargs)
+        counts.append(n)
+        return n
+    monkeypatch.setattr(PreTrainedModel, "num_parameters", counted)
+    train(load_settings(str(cfg), max_steps=3, save_steps=2))
+    assert len(counts) == 1 and counts[0] > 0
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    # 2 steps of 2 rows, each padded to a multiple of 8 tokens
+    per_token = 6 * counts[0]
+    assert state["total_flos"] > 0 and state["total_flos"] % per_token == 0
+    assert (state["total_flos"] // per_token) % 8 == 0
