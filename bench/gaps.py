@@ -15,7 +15,8 @@ span, and every idle stretch of the GPU, summed by what ended it:
   something else (a copy on another stream, an event, launch latency).
 
 A step whose host time exceeds its GPU time shows up as "host" gaps; the names say where to
-cut host work. Standard library only (runs anywhere)."""
+cut host work. All streams and GPUs of the trace count as one timeline (a copy on a side stream
+counts as busy), which fits one GPU with its offload stream. Standard library only."""
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,9 @@ def load(path):
 
 
 def gpu_intervals(events):
-    out = sorted((e["ts"], e["ts"] + e.get("dur", 0), e) for e in events
-                 if e.get("ph") == "X" and e.get("cat") in GPU_CATS)
-    return out
+    return sorted(((e["ts"], e["ts"] + e.get("dur", 0), e) for e in events
+                   if e.get("ph") == "X" and e.get("cat") in GPU_CATS),
+                  key=lambda r: (r[0], r[1]))
 
 
 def merged(intervals):
@@ -58,7 +59,8 @@ class HostOps:
         for e in events:
             if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation"):
                 by_tid[e["tid"]].append((e["ts"], e["ts"] + e.get("dur", 0), e["name"]))
-        self.by_tid = {t: sorted(v) for t, v in by_tid.items()}
+        # Outer before inner when both start in the same microsecond (longer first).
+        self.by_tid = {t: sorted(v, key=lambda r: (r[0], -r[1])) for t, v in by_tid.items()}
         self.starts = {t: [s for s, _, _ in v] for t, v in self.by_tid.items()}
 
     def outermost(self, tid, t):

@@ -310,7 +310,8 @@ def run_mode(a, text, data, world, local_rank, peak_tflops):
     optim = changes.pop("optim", None)
     # Our modes get batches as train.py makes them: right-padded, without an attention mask
     # (prepare.Collator causal_only); `mask=1` keeps the mask, as the reference's batches.
-    causal_only = base != "reference" and not changes.pop("mask", False)
+    keep_mask = changes.pop("mask", False)
+    causal_only = base != "reference" and not keep_mask
     packing = a.seq if packing is True else int(packing)     # packing=1: rows of --seq
     batch = a.batch
     if packing:

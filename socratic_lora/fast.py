@@ -652,12 +652,12 @@ def _stack_4bit(owner, layers) -> bool:
         offsets = torch.cat([q.offset.float().reshape(1).expand(q.state2.absmax.numel())
                              for q in qss])
         code2 = q0.state2.code
-    owner.register_buffer("_socratic_packed", packed, persistent=False)
-    owner.register_buffer("_socratic_absmax", absmax.view(absmax_dtype), persistent=False)
-    owner.register_buffer("_socratic_code", q0.code, persistent=False)
-    owner.register_buffer("_socratic_code2", code2, persistent=False)
-    owner.register_buffer("_socratic_absmax2", absmax2, persistent=False)
-    owner.register_buffer("_socratic_offsets", offsets, persistent=False)
+    # Plain attributes, not buffers: DDP broadcasts every buffer before every forward
+    # (0.7 GB a step for Gemma 2 2B), and model.to(dtype) would cast the code tables. Call
+    # apply_fast_path after the model is placed (a later .to(device) moves the layers only).
+    owner._socratic_stack = (packed, absmax.view(absmax_dtype), q0.code, code2, absmax2,
+                             offsets)
+    owner._socratic_weights = tuple(layer.weight for layer in layers)
     rows = sum(q.shape[0] for q in qss)
     owner._socratic_meta = (q0.blocksize, (rows, q0.shape[1]),
                             q0.state2.blocksize if q0.nested else None)
@@ -667,9 +667,9 @@ def _stack_4bit(owner, layers) -> bool:
 
 def _one_plain_adapter(loras):
     """The adapter name if every wrapper applies exactly that one adapter now, as plain LoRA
-    without dropout (what the stacked computation does); None otherwise (adapters disabled
-    or merged, several active, DoRA or another variant, dropout: then each projection runs
-    on its own, as peft does)."""
+    without dropout or bias (what the stacked computation does); None otherwise (adapters
+    disabled or merged, several active, DoRA or another variant, dropout, lora_bias: then
+    each projection runs on its own, as peft does)."""
     name = None
     for m in loras:
         if m.disable_adapters or m.merged:
@@ -678,10 +678,23 @@ def _one_plain_adapter(loras):
         if len(active) != 1 or (name is not None and active[0] != name):
             return None
         name = active[0]
-        if name in getattr(m, "lora_variant", {}) or not isinstance(m.lora_dropout[name],
-                                                                      torch.nn.Identity):
+        if (name in getattr(m, "lora_variant", {})
+                or not isinstance(m.lora_dropout[name], torch.nn.Identity)
+                or m.lora_B[name].bias is not None):
             return None
     return name
+
+
+def _stack_is_current(owner, mods, bases, loras) -> bool:
+    """Whether the stacked computation may stand in for calling `mods` now: the layers still
+    hold the weights that were stacked (peft's 4-bit merge/unmerge installs new ones), the
+    adapters are on all of them or on none (one can be added later), and no module has
+    hooks the stacked path would skip (peft's mixed-adapter batches use pre-hooks)."""
+    if any(b.weight is not w for b, w in zip(bases, owner._socratic_weights)):
+        return False
+    if any(l is None for l in loras) and any(l is not None for l in loras):
+        return False
+    return not any(m._forward_pre_hooks or m._forward_hooks for m in mods)
 
 
 def _fused_projections(owner, x, mods):
@@ -691,14 +704,14 @@ def _fused_projections(owner, x, mods):
     path. Equals peft's computation up to rounding (tests/test_fast.py): fewer, larger
     matrix products and fewer kernels to launch."""
     bases, loras = zip(*(_base_and_lora(m) for m in mods))
+    if not _stack_is_current(owner, mods, bases, loras):
+        return None
     name = None
     if loras[0] is not None:
         name = _one_plain_adapter(loras)
         if name is None:
             return None
-    tensors = (owner._socratic_packed, owner._socratic_absmax, owner._socratic_code,
-               owner._socratic_code2, owner._socratic_absmax2, owner._socratic_offsets)
-    ys = _matmul_4bit(x, tensors, owner._socratic_meta, bases[0].compute_dtype,
+    ys = _matmul_4bit(x, owner._socratic_stack, owner._socratic_meta, bases[0].compute_dtype,
                       owner._socratic_sizes)
     if name is None:
         return ys
@@ -774,6 +787,10 @@ def _patch_fused_projections(lm, gate_up: bool = True):
     n_attn = n_mlp = 0
     for mod in lm.modules():
         name = type(mod).__name__
+        if hasattr(mod, "_socratic_unfused_forward"):      # apply_fast_path ran before
+            n_attn += name == "Gemma2Attention"
+            n_mlp += name != "Gemma2Attention"
+            continue
         if name == "Gemma2Attention" and _fusable((mod.q_proj, mod.k_proj, mod.v_proj)):
             ns = sys.modules[type(mod).__module__]
             if not all(hasattr(ns, f) for f in ("apply_rotary_pos_emb", "eager_attention_forward",
@@ -841,11 +858,12 @@ def _flex_kernel_options(lm) -> dict | None:
     return dict(opts) if opts else None
 
 
-def _causal_mask_cache(lm, size: int = 8):
+def _causal_mask_cache(lm, size: int = 64):
     """For Gemma 2 with flex attention: a function (input_ids) -> the model's mask mapping
     ({"full_attention": ..., "sliding_attention": ...}) for batches with neither attention
     mask nor position ids, built by transformers' own functions once per (batch, length,
-    device) and reused; None for other models.
+    device) and reused (up to `size` shapes; padded batches have one shape per width);
+    None for other models.
 
     Without it the model rebuilds the same two BlockMasks at every forward: about 3 ms of
     host work, during which the GPU waits (bench/gaps.py). They hold only block indices
@@ -864,8 +882,10 @@ def _causal_mask_cache(lm, size: int = 8):
     cache = OrderedDict()
 
     def masks(input_ids):
-        if cfg._attn_implementation != "flex_attention":
-            return None                  # eager/sdpa masks are cheap and may be skipped
+        if cfg._attn_implementation != "flex_attention" or torch.is_inference_mode_enabled():
+            # eager/sdpa masks are cheap and may be skipped; masks made under inference mode
+            # would be inference tensors, unusable by a later training step
+            return None
         b, n = input_ids.shape
         key = (b, n, input_ids.device)
         if key not in cache:

@@ -40,3 +40,33 @@ def test_gaps_are_charged_to_the_outermost_host_op_or_the_device(tmp_path, capsy
     assert got == {("host", "B"): (220, 1), ("device", "kernel"): (20, 1)}
     gaps.main([_trace(tmp_path)])
     assert "GPU busy 0.1 ms of a 0.3 ms span" in capsys.readouterr().out
+
+
+def _launch(ts, corr, tid=1):
+    return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 2,
+            "tid": tid, "args": {"correlation": corr}}
+
+
+def _kernel(ts, dur, corr, stream=7):
+    return {"ph": "X", "cat": "kernel", "name": f"k{corr}", "ts": ts, "dur": dur, "tid": stream,
+            "args": {"correlation": corr}}
+
+
+def test_two_gpu_events_with_the_same_start_and_duration_do_not_crash():
+    """Two GPU events with equal start and duration (two streams or GPUs, zero-length
+    memsets) once made the sort compare the event dicts: TypeError."""
+    ev = [{"ph": "X", "cat": "cpu_op", "name": "A", "ts": 0, "dur": 300, "tid": 1},
+          _launch(5, 1), _launch(6, 2), _launch(200, 3),
+          _kernel(10, 30, 1, stream=7), _kernel(10, 30, 2, stream=13), _kernel(210, 10, 3)]
+    r = gaps.analyse(ev)
+    assert round(r["idle_ms"] * 1e3) == 170
+
+
+def test_the_outermost_op_wins_when_an_inner_op_starts_at_the_same_time():
+    """An inner op starting in the same microsecond as its parent must not be reported
+    instead of the outermost op."""
+    ev = [{"ph": "X", "cat": "cpu_op", "name": "outer", "ts": 100, "dur": 200, "tid": 1},
+          {"ph": "X", "cat": "cpu_op", "name": "inner", "ts": 100, "dur": 150, "tid": 1},
+          _launch(5, 1), _launch(200, 2), _kernel(10, 30, 1), _kernel(210, 10, 2)]
+    r = gaps.analyse(ev)
+    assert [(k, n) for k, n, _, _ in r["by_cause"]] == [("host", "outer")]

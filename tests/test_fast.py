@@ -331,13 +331,13 @@ def test_stacked_projections_give_pefts_loss_and_gradients(tmp_path, lora):
     from socratic_lora.fast import _unpack
     attn = model.get_base_model().model.layers[1].self_attn
     bases = [getattr(attn, n).base_layer for n in ("q_proj", "k_proj", "v_proj")]
-    stacked = attn._socratic_packed
+    stacked = attn._socratic_stack
     for b in bases:
-        assert b.weight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
+        assert b.weight.untyped_storage().data_ptr() == stacked[0].untyped_storage().data_ptr()
+        assert (b.weight.quant_state.absmax.untyped_storage().data_ptr()
+                == stacked[1].untyped_storage().data_ptr())
     want = torch.cat([bf.dequantize_4bit(b.weight, b.weight.quant_state) for b in bases])
-    got_w = _unpack(stacked, attn._socratic_absmax, attn._socratic_code, attn._socratic_code2,
-                    attn._socratic_absmax2, attn._socratic_offsets, attn._socratic_meta,
-                    torch.float32)
+    got_w = _unpack(*stacked, attn._socratic_meta, torch.float32)
     assert torch.equal(got_w, want)
 
 
