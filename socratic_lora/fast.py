@@ -35,7 +35,8 @@ Each technique is one switch of `FastSettings`, so each can be measured on its o
 - `fuse_projections` (with dequant="torch"): Gemma 2's q/k/v projections and the MLP's gate
   and up projections read the same input; their 4-bit weights are unpacked into one stacked
   matrix and multiplied once, and the LoRA adapters of q/k/v as one product with the stacked
-  A matrices and one with the block-diagonal B (fewer, larger matmuls, fewer launches).
+  A matrices and one with the block-diagonal B (fewer, larger matmuls, fewer launches; with
+  LoRA dropout the adapters run one by one, each with its own mask).
 
 Correctness: tests/test_fast.py (CPU) checks the chunked loss and its gradients against the
 model's own loss; bench/perf.py compares the first-step loss and the LoRA gradients of each
@@ -667,9 +668,9 @@ def _stack_4bit(owner, layers) -> bool:
 
 def _one_plain_adapter(loras):
     """The adapter name if every wrapper applies exactly that one adapter now, as plain LoRA
-    without dropout or bias (what the stacked computation does); None otherwise (adapters
-    disabled or merged, several active, DoRA or another variant, dropout, lora_bias: then
-    each projection runs on its own, as peft does)."""
+    without bias (what the stacked computation does); None otherwise (adapters disabled or
+    merged, several active, DoRA or another variant, lora_bias: then each projection runs on
+    its own, as peft does)."""
     name = None
     for m in loras:
         if m.disable_adapters or m.merged:
@@ -678,9 +679,7 @@ def _one_plain_adapter(loras):
         if len(active) != 1 or (name is not None and active[0] != name):
             return None
         name = active[0]
-        if (name in getattr(m, "lora_variant", {})
-                or not isinstance(m.lora_dropout[name], torch.nn.Identity)
-                or m.lora_B[name].bias is not None):
+        if name in getattr(m, "lora_variant", {}) or m.lora_B[name].bias is not None:
             return None
     return name
 
@@ -718,17 +717,25 @@ def _fused_projections(owner, x, mods):
     # As peft's bnb.Linear4bit: without autocast the adapters compute in their own dtype
     # and the result is cast back; under autocast the products run in the autocast dtype.
     convert = not torch.is_autocast_enabled()
-    a = torch.cat([m.lora_A[name].weight for m in loras], 0)
-    xa = x.to(a.dtype) if convert else x
+    xa = x.to(loras[0].lora_A[name].weight.dtype) if convert else x
     scales = [m.scaling[name] for m in loras]
-    bs = [m.lora_B[name].weight for m in loras]
-    if len(set(scales)) == 1:
-        delta = F.linear(F.linear(xa, a), torch.block_diag(*bs)) * scales[0]
+    if not all(isinstance(m.lora_dropout[name], torch.nn.Identity) for m in loras):
+        # Dropout draws a mask per projection: the adapters run one by one, in peft's
+        # order (the same random masks), only the base product stays stacked.
+        deltas = [m.lora_B[name](m.lora_A[name](m.lora_dropout[name](xa))) * c
+                  for m, c in zip(loras, scales)]
     else:
-        delta = F.linear(F.linear(xa, a), torch.block_diag(*(b * c for b, c in zip(bs, scales))))
+        a = torch.cat([m.lora_A[name].weight for m in loras], 0)
+        bs = [m.lora_B[name].weight for m in loras]
+        if len(set(scales)) == 1:
+            delta = F.linear(F.linear(xa, a), torch.block_diag(*bs)) * scales[0]
+        else:
+            delta = F.linear(F.linear(xa, a),
+                             torch.block_diag(*(b * c for b, c in zip(bs, scales))))
+        deltas = delta.split(owner._socratic_sizes, -1)
     if convert:
-        delta = delta.to(ys[0].dtype)
-    return tuple(y + d for y, d in zip(ys, delta.split(owner._socratic_sizes, -1)))
+        deltas = [d.to(ys[0].dtype) for d in deltas]
+    return tuple(y + d for y, d in zip(ys, deltas))
 
 
 def _attention_forward_fused(self, hidden_states, position_embeddings=None,

@@ -342,10 +342,10 @@ def test_stacked_projections_give_pefts_loss_and_gradients(tmp_path, lora):
 
 
 def test_stacked_projections_step_aside_when_peft_must_compute_per_projection(tmp_path):
-    """With LoRA dropout (a mask per projection), with only some projections adapted, and
-    with the adapters disabled, peft's own path runs for q/k/v (the MLP without adapters
-    stays stacked: equal up to float32 rounding; dropping the dropout would differ by far
-    more)."""
+    """With LoRA dropout (a mask per projection) the base product stays stacked and the
+    adapters run one by one in peft's order, drawing the same masks: equal up to float32
+    rounding (stacking the adapters would drop the dropout and differ by far more). With
+    only some projections adapted, and with the adapters disabled, peft's own path runs."""
     pytest.importorskip("bitsandbytes")
     from conftest import save_tiny
     path = save_tiny(_stackable_config(2), tmp_path / "m")
