@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import types
 from dataclasses import dataclass
@@ -802,6 +803,12 @@ def _patch_fused_projections(lm, gate_up: bool = True):
             ns = sys.modules[type(mod).__module__]
             if not all(hasattr(ns, f) for f in ("apply_rotary_pos_emb", "eager_attention_forward",
                                                  "ALL_ATTENTION_FUNCTIONS")):
+                continue
+            # _attention_forward_fused repeats transformers 5.x's forward: leave a class that
+            # has changed shape (other leading parameters, q/k norms as in Gemma 3) alone.
+            head = list(inspect.signature(type(mod).forward).parameters)[:4]
+            if head != ["self", "hidden_states", "position_embeddings", "attention_mask"] or \
+                    hasattr(mod, "q_norm") or hasattr(mod, "k_norm"):
                 continue
             if not _stack_4bit(mod, [_base_and_lora(m)[0] for m in
                                      (mod.q_proj, mod.k_proj, mod.v_proj)]):

@@ -143,3 +143,23 @@ def test_casting_the_model_leaves_the_stacked_code_tables_in_float32(stackable):
         model = _model(stackable, fuse).to(torch.bfloat16)
         losses.append(_loss(model))
     assert losses[0] == losses[1], losses
+
+
+def test_an_attention_class_of_another_shape_is_left_unfused(stackable, monkeypatch):
+    """The fused attention forward repeats transformers 5.x's Gemma2Attention.forward; a class
+    with q/k norms (as Gemma 3 has) or other leading parameters keeps its own forward."""
+    from test_fast import _tiny_4bit_lora
+    model = _tiny_4bit_lora(stackable, torch.float32)
+    for layer in model.get_base_model().model.layers:
+        layer.self_attn.q_norm = torch.nn.Identity()
+    apply_fast_path(model, FastSettings(attention="eager", checkpoint="none", dequant="torch"))
+    assert model.fast_report["fused_qkv"] == 0 and model.fast_report["fused_gate_up"] == 2
+    model = _tiny_4bit_lora(stackable, torch.float32)
+    attn_cls = type(model.get_base_model().model.layers[0].self_attn)
+
+    def forward(self, hidden_states, cache_position, position_embeddings=None,
+                attention_mask=None, **kwargs):
+        raise AssertionError("not called")
+    monkeypatch.setattr(attn_cls, "forward", forward)
+    apply_fast_path(model, FastSettings(attention="eager", checkpoint="none", dequant="torch"))
+    assert model.fast_report["fused_qkv"] == 0
