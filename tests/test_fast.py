@@ -215,13 +215,34 @@ def _tiny_4bit_lora(path, dtype=torch.bfloat16, **lora):
     return model
 
 
+def _compile_layers_recording_saved(model, run):
+    """Compile each decoder layer with inductor's partitioner (eager kernels), clear dynamo's
+    counters, and call run(model) recording the shape of every tensor autograd saves.
+    Returns (compile counter, saved shapes, run's result)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    count = CompileCounterWithBackend("aot_eager_decomp_partition")
+    for layer in model.get_base_model().model.layers:
+        layer.compile(backend=count, dynamic=False)
+    saved = []
+
+    def keep_shape(t):
+        saved.append(tuple(t.shape))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep_shape, lambda t: t):
+        result = run(model)
+    return count, saved, result
+
+
 def test_torch_dequant_path_equals_bitsandbytes_and_compiles_without_graph_breaks(tmp_path):
     """Same loss and LoRA gradients as bitsandbytes' own 4-bit matmul, and each decoder
     layer traces into one graph (no break) that all layers of a kind share: what makes the
     compiled layer cheap on the host (docs/performance.md)."""
     pytest.importorskip("bitsandbytes")
     import torch._dynamo
-    from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
 
     from conftest import save_tiny
@@ -247,18 +268,7 @@ def test_torch_dequant_path_equals_bitsandbytes_and_compiles_without_graph_break
     for n in ref:
         assert torch.equal(got[n], ref[n]), n
 
-    torch._dynamo.reset()
-    counters.clear()
-    count = CompileCounterWithBackend("aot_eager_decomp_partition")   # inductor's partitioner
-    for layer in model.get_base_model().model.layers:
-        layer.compile(backend=count, dynamic=False)
-    saved = []
-
-    def keep_shape(t):
-        saved.append(tuple(t.shape))
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(keep_shape, lambda t: t):
-        loss, got = loss_and_grads(model)
+    count, saved, (loss, got) = _compile_layers_recording_saved(model, loss_and_grads)
     # The dequantised 16-bit weights are recomputed in backward, not saved
     # (hidden 64, q/o 64 x 64, k/v 32 x 64, MLP 128 x 64 and 64 x 128; 24 tokens).
     weights = {(64, 64), (32, 64), (128, 64), (64, 128)}
@@ -373,7 +383,6 @@ def test_stacked_projections_compile_into_one_graph_and_save_no_16bit_weight(tmp
     graph per layer kind."""
     pytest.importorskip("bitsandbytes")
     import torch._dynamo
-    from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
 
     from conftest import save_tiny
@@ -382,18 +391,8 @@ def test_stacked_projections_compile_into_one_graph_and_save_no_16bit_weight(tmp
     _, (ref_loss, ref), _ = _fused_and_unfused(path, ids)
     model = _tiny_4bit_lora(path, torch.float32)
     apply_fast_path(model, FastSettings(attention="eager", checkpoint="none", dequant="torch"))
-    torch._dynamo.reset()
-    counters.clear()
-    count = CompileCounterWithBackend("aot_eager_decomp_partition")   # inductor's partitioner
-    for layer in model.get_base_model().model.layers:
-        layer.compile(backend=count, dynamic=False)
-    saved = []
-
-    def keep_shape(t):
-        saved.append(tuple(t.shape))
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(keep_shape, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).loss
+    count, saved, loss = _compile_layers_recording_saved(
+        model, lambda m: m(input_ids=ids, labels=ids).loss)
     loss.backward()
     got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     # q/k/v stacked 512 x 256, gate/up stacked 1024 x 256, o 256 x 256, down 256 x 512, and
