@@ -79,16 +79,20 @@ class FastSettings:
                                      # (dequant="torch"); "qkv": q/k/v only
     cache_masks: bool = True         # flex attention, batches without a mask: causal masks built
                                      # once per shape (Collator(causal_only=True) sends none)
+    keep_outputs: bool | int | float = True  # compiled layers (dequant="torch"): the layers
+                                     # (True: all, or a number / share 0..1) whose MLP keeps
+                                     # its gate/up outputs for backward; in the others the
+                                     # backward multiplies them out again (less memory)
 
     @classmethod
     def preset(cls, mode: str) -> "FastSettings":
         """speed: each decoder layer compiled, 4-bit unpacking inside the compiled graph, no
-        checkpointing (Gemma 2 2B at 8 x 512: 6.4 GiB on an H100, docs/performance.md);
+        checkpointing, half the layers' MLP outputs kept for backward (docs/performance.md);
         memory: the same with every layer checkpointed and its input offloaded to the CPU,
         small loss chunks; reference: every technique off (the plain recipe)."""
         if mode == "speed":
             return cls(ce_chunk=256, checkpoint="none", offload=False, compile="layers",
-                       dequant="torch")
+                       dequant="torch", keep_outputs=0.5)
         if mode == "memory":
             # gate/up stay two matmuls: stacked, the MLP's backward holds both gradients and
             # both weights at once (+60 MB at the peak, over Unsloth's 2.85 GiB).
@@ -532,19 +536,30 @@ class _Linear4bit(torch.autograd.Function):
         return (grad @ w,) + (None,) * 7
 
 
-def _matmul_4bit(x, tensors, meta, compute_dtype, sizes):
+def _matmul_4bit(x, tensors, meta, compute_dtype, sizes, keep=True):
     """x @ W.T with W unpacked by torch ops from (packed, absmax, code, code2, absmax2,
-    offset) and `meta`; returns the output split into `sizes`, each in x's dtype."""
+    offset) and `meta`; returns the output split into `sizes`, each in x's dtype. `keep`
+    (compiled only): the output may be kept for backward; otherwise it is recomputed."""
     dt = x.dtype
     h = x.to(compute_dtype) if compute_dtype is not None else x
     if torch.compiler.is_compiling():
         # Inside a compiled layer the partitioner would merge the backward's dequantisation
         # with the forward's and keep the 16-bit weight for backward (it must be
         # materialised for the matmul there): +156 MB per Gemma 2 2B layer. Ops inside a
-        # checkpointed region are marked must-recompute instead; only the dequantisation
-        # is redone in backward (the matmul's output is not needed there).
-        outs = torch.utils.checkpoint.checkpoint(_dequant_matmul, h, meta, tuple(sizes),
-                                                 *tensors, use_reentrant=False)
+        # checkpointed region are marked must-recompute instead, so only the unpacking
+        # goes in the region, and the partitioner saves the matmul's output where a later
+        # operation needs it in backward (GELU * up needs gate and up, the norms after
+        # o_proj and down_proj their inputs). With keep=False the matmul is in the region
+        # too: its output is never saved, and backward multiplies it out again
+        # (Gemma 2 2B, 8 x 512: gate/up 151 MB a layer, against 0.35 TFLOP recomputed).
+        if keep:
+            w = torch.utils.checkpoint.checkpoint(_unpack, *tensors, meta, h.dtype,
+                                                  use_reentrant=False)
+            y = h @ w.t()
+            outs = y.split(sizes, -1) if len(sizes) > 1 else (y,)
+        else:
+            outs = torch.utils.checkpoint.checkpoint(_dequant_matmul, h, meta, tuple(sizes),
+                                                     *tensors, use_reentrant=False)
     else:
         y = _Linear4bit.apply(h, meta, *tensors)
         outs = y.split(sizes, -1) if len(sizes) > 1 else (y,)
@@ -556,7 +571,7 @@ def _linear4bit_forward(self, x):
     module (read from `self`), so one compiled graph serves all layers of a shape."""
     tensors, meta = _quant_parts(self.weight.quant_state)
     (out,) = _matmul_4bit(x, (self.weight, *tensors), meta, self.compute_dtype,
-                          (self.out_features,))
+                          (self.out_features,), getattr(self, "_socratic_keep", True))
     if self.bias is not None:
         out = out + self.bias.to(out.dtype)
     return out
@@ -712,7 +727,7 @@ def _fused_projections(owner, x, mods):
         if name is None:
             return None
     ys = _matmul_4bit(x, owner._socratic_stack, owner._socratic_meta, bases[0].compute_dtype,
-                      owner._socratic_sizes)
+                      owner._socratic_sizes, getattr(owner, "_socratic_keep", True))
     if name is None:
         return ys
     # As peft's bnb.Linear4bit: without autocast the adapters compute in their own dtype
@@ -990,6 +1005,18 @@ def _patch_fused(lm, s: FastSettings):
     return n_norm, n_mlp
 
 
+def _layer_share(name, value, n, words) -> set[int]:
+    """The layers (of n) that a number of layers or a share 0..1 of them picks, spread
+    evenly (peak memory depends on how many, not on which)."""
+    k = value
+    if isinstance(k, float) and 0.0 <= k <= 1.0:
+        k = max(1, round(k * n)) if k > 0 else 0
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+        raise ValueError(f"{name}={value!r}: use {words}, a number of layers from 0 to {n} "
+                         "or a share from 0.0 to 1.0")
+    return {int(i * n / k) for i in range(k)} if k else set()
+
+
 def _checkpoint_choice(s: FastSettings, n: int) -> set[int] | None:
     """The layers (of n) that `s.checkpoint` checkpoints; None for "keep"."""
     if s.checkpoint == "keep":
@@ -998,14 +1025,34 @@ def _checkpoint_choice(s: FastSettings, n: int) -> set[int] | None:
         return set()
     if s.checkpoint == "all":
         return set(range(n))
-    k = s.checkpoint
-    if isinstance(k, float) and 0.0 <= k <= 1.0:           # a share of the layers
-        k = max(1, round(k * n)) if k > 0 else 0
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
-        raise ValueError(f"checkpoint={s.checkpoint!r}: use 'all', 'none', 'keep', a number "
-                         f"of layers from 0 to {n} or a share from 0.0 to 1.0")
-    # Spread evenly; peak memory does not depend on which layers, only on how many.
-    return {int(i * n / k) for i in range(k)} if k else set()
+    return _layer_share("checkpoint", s.checkpoint, n, "'all', 'none', 'keep'")
+
+
+def _keep_choice(s: FastSettings, n: int) -> set[int]:
+    """The layers (of n) whose MLP keeps its gate/up outputs for backward."""
+    if s.keep_outputs is True:
+        return set(range(n))
+    if s.keep_outputs is False:
+        return set()
+    return _layer_share("keep_outputs", s.keep_outputs, n, "True, False")
+
+
+def _set_keep_outputs(lm, s: FastSettings, checkpointed) -> list[int]:
+    """Mark the MLP projections of the layers that recompute their outputs in backward
+    (read by `_matmul_4bit` through the module: each choice is its own compiled graph).
+    A checkpointed layer keeps them: its saved outputs live only from its recomputation
+    to its backward."""
+    layers = _decoder_layers(lm)
+    keep = _keep_choice(s, len(layers)) | set(checkpointed)
+    for i, layer in enumerate(layers):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None:
+            continue
+        mods = [mlp] + [_base_and_lora(getattr(mlp, name))[0]
+                        for name in ("gate_proj", "up_proj") if hasattr(mlp, name)]
+        for m in mods:
+            m._socratic_keep = i in keep
+    return sorted(keep)
 
 
 def _set_checkpointing(lm, s: FastSettings):
@@ -1070,6 +1117,7 @@ def apply_fast_path(model, settings: FastSettings | str = "speed"):
                          "'reduce-overhead', 'max-autotune' or 'max-autotune-no-cudagraphs'")
     lm = _causal_lm(model)
     chosen = _checkpoint_choice(s, len(_decoder_layers(lm)))
+    _keep_choice(s, len(_decoder_layers(lm)))
     if s.compile == "model" and s.offload and chosen:
         raise ValueError("compile='model' traces the whole decoder stack in one graph; "
                          "offloaded checkpoints need compile='layers' (or offload=False)")
@@ -1099,6 +1147,9 @@ def apply_fast_path(model, settings: FastSettings | str = "speed"):
             report["fused_qkv"], report["fused_gate_up"] = _patch_fused_projections(
                 lm, gate_up=s.fuse_projections is True)
     report["checkpointed_layers"] = _set_checkpointing(lm, s)
+    if s.dequant == "torch":                  # (read only where the layers are compiled)
+        report["layers_keeping_mlp_outputs"] = _set_keep_outputs(
+            lm, s, report["checkpointed_layers"])
     if s.compile == "model":
         # One graph (forward and backward) for embedding, masks, all layers and the final
         # norm: no guards, wrappers or autograd nodes per layer on the host.
