@@ -87,17 +87,18 @@ class FastSettings:
     @classmethod
     def preset(cls, mode: str) -> "FastSettings":
         """speed: each decoder layer compiled, 4-bit unpacking inside the compiled graph, no
-        checkpointing, half the layers' MLP outputs kept for backward (docs/performance.md);
-        memory: the same with every layer checkpointed and its input offloaded to the CPU,
-        small loss chunks; reference: every technique off (the plain recipe)."""
+        checkpointing, gate/up recomputed in backward (Gemma 2 2B at 8 x 512: 5.7 GiB on an
+        H200, docs/performance.md); memory: the same with every layer checkpointed and its
+        input offloaded to the CPU, small loss chunks (2.75 GiB); reference: every technique
+        off (the plain recipe)."""
         if mode == "speed":
+            # Keeping gate/up for backward (keep_outputs=True) measured within the run-to-run
+            # noise on an H200 (s9r1: slower, s9r2: +4 %) for +3.5 GiB (0.49x the recipe).
             return cls(ce_chunk=256, checkpoint="none", offload=False, compile="layers",
-                       dequant="torch", keep_outputs=0.5)
+                       dequant="torch", keep_outputs=False)
         if mode == "memory":
-            # gate/up stay two matmuls: stacked, the MLP's backward holds both gradients and
-            # both weights at once (+60 MB at the peak, over Unsloth's 2.85 GiB).
             return cls(ce_chunk=128, checkpoint="all", offload=True, compile="layers",
-                       dequant="torch", fuse_projections="qkv")
+                       dequant="torch")
         if mode == "reference":
             return cls(chunked_ce=False, attention="eager", lean_kbit=False, fused_ops=False,
                        checkpoint="keep", offload=False, compile=False, flex_tuned=False,

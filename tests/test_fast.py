@@ -1,4 +1,6 @@
 """The fast path computes what the model computes (CPU, tiny Gemma 2, float32 / float64)."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,7 +150,9 @@ def test_bad_settings_are_refused_with_the_allowed_values(tmp_path):
                        (dict(compile="model", checkpoint="all", offload=True),
                         "offloaded checkpoints need compile='layers'"),
                        (dict(fuse_projections="mlp"), "fuse_projections='mlp': use True, "
-                                                      "False or 'qkv'")):
+                                                      "False or 'qkv'"),
+                       (dict(keep_outputs=1.5), "keep_outputs=1.5: use True, False, a number "
+                                                "of layers from 0 to 3")):
         with pytest.raises(ValueError, match=match):
             apply_fast_path(model, FastSettings(**bad))
         # refused before anything was changed: attention, loss and layers as they were
@@ -405,6 +409,40 @@ def test_stacked_projections_compile_into_one_graph_and_save_no_16bit_weight(tmp
     assert abs(loss.item() - ref_loss) < 1e-5
     _assert_close_grads(got, ref, 1e-4)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("fuse", [True, "qkv"])
+def test_compiled_layers_keep_mlp_outputs_only_in_the_chosen_layers(tmp_path, fuse):
+    """Compiled, a layer whose MLP keeps its outputs (keep_outputs) saves gate and up for
+    backward; the others save nothing of that size and multiply them out again there. Loss
+    and LoRA gradients are the same either way; checkpointed layers always keep them."""
+    pytest.importorskip("bitsandbytes")
+    import torch._dynamo
+    from conftest import save_tiny
+    path = save_tiny(_stackable_config(4), tmp_path / "m")
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    _, (ref_loss, ref), _ = _fused_and_unfused(path, ids)
+    for keep, layers in ((True, [0, 1, 2, 3]), (False, []), (0.5, [0, 2]), (1, [0])):
+        model = _tiny_4bit_lora(path, torch.float32)
+        apply_fast_path(model, FastSettings(attention="eager", checkpoint="none",
+                                            dequant="torch", fuse_projections=fuse,
+                                            keep_outputs=keep))
+        assert model.fast_report["layers_keeping_mlp_outputs"] == layers
+        _, saved, loss = _compile_layers_recording_saved(
+            model, lambda m: m(input_ids=ids, labels=ids).loss)
+        loss.backward()
+        # gate and up: 24 tokens x intermediate 512 each, stacked or not
+        mlp_outputs = [s for s in saved if s and s[-1] == 512 and math.prod(s) == 24 * 512]
+        assert len(mlp_outputs) == 2 * len(layers), (keep, saved)
+        assert abs(loss.item() - ref_loss) < 1e-5
+        _assert_close_grads({n: p.grad for n, p in model.named_parameters()
+                             if p.requires_grad}, ref, 1e-4)
+    torch._dynamo.reset()
+    model = _tiny_4bit_lora(path, torch.float32)
+    apply_fast_path(model, FastSettings(attention="eager", checkpoint=3, dequant="torch",
+                                        keep_outputs=0.25))
+    assert model.fast_report["checkpointed_layers"] == [0, 1, 2]
+    assert model.fast_report["layers_keeping_mlp_outputs"] == [0, 1, 2]
 
 
 def test_compiled_layers_do_not_recompile_for_every_sequence_length(monkeypatch):
