@@ -17,7 +17,7 @@ Modes:
   speed, memory  our path: socratic_lora.fast.load_for_training (the `mode:` training key).
   MODE:k=v,...   (modes are separated by ';') the same with FastSettings fields changed (chunked_ce, ce_chunk, attention,
                  lean_kbit, fused_ops, checkpoint, offload, compile, dequant, flex_tuned,
-                 fuse_projections, cache_masks) and/or dropout=... or optim=... (our modes:
+                 fuse_projections, cache_masks, keep_outputs) and/or dropout=... or optim=... (our modes:
                  the Trainer's optimizer name) or mask=1 (our modes: keep the attention mask
                  in the batches, as the reference has it; by default our modes get batches
                  as train.py makes them, prepare.Collator(causal_only=True));
