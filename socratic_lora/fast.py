@@ -93,17 +93,19 @@ class FastSettings:
     def preset(cls, mode: str) -> "FastSettings":
         """speed: each decoder layer compiled, 4-bit unpacking inside the compiled graph, no
         checkpointing, gate/up recomputed in backward (Gemma 2 2B at 8 x 512: 5.7 GiB on an
-        H200, docs/performance.md); memory: the same with every layer checkpointed and its
-        input offloaded to the CPU, small loss chunks (2.75 GiB); reference: every technique
-        off (the plain recipe)."""
+        H200, docs/performance.md); memory: every layer checkpointed, its input offloaded to
+        the CPU, each layer's outputs kept only between its recomputation and its backward,
+        small loss chunks (2.75 GiB); reference: every technique off (the plain recipe)."""
         if mode == "speed":
             # Keeping gate/up for backward (keep_outputs=True) measured within the run-to-run
             # noise on an H200 (s9r1: slower, s9r2: +4 %) for +3.5 GiB (0.49x the recipe).
             return cls(ce_chunk=256, checkpoint="none", offload=False, compile="layers",
                        dequant="torch", keep_outputs=False)
         if mode == "memory":
+            # Checkpointed layers keep their outputs anyway (from recomputation to backward);
+            # False matters where a config switches the checkpointing off.
             return cls(ce_chunk=128, checkpoint="all", offload=True, compile="layers",
-                       dequant="torch")
+                       dequant="torch", keep_outputs=False)
         if mode == "reference":
             return cls(chunked_ce=False, attention="eager", lean_kbit=False, fused_ops=False,
                        checkpoint="keep", offload=False, compile=False, flex_tuned=False,
@@ -370,7 +372,7 @@ def _copy_stream(device):
 
 def _fetch(ctx):
     """Start copying a layer's input back to the GPU on the copy stream (once)."""
-    if ctx.fetched is None:
+    if ctx.fetched is None and ctx.saved is not None:
         stream = _copy_stream(ctx.device)
         with torch.cuda.stream(stream):
             ctx.fetched = ctx.saved.to(ctx.device, non_blocking=True)
@@ -414,13 +416,16 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             current = torch.cuda.current_stream(ctx.device)
             current.wait_event(ctx.fetch_done)      # this input only, not the prefetch below
             hidden.record_stream(current)
+            while _pending and _pending[-1]() is None:   # graphs freed without backward
+                _pending.pop()
             if _pending and _pending[-1]() is ctx:
                 _pending.pop()
             before = None                  # the layer before: next in backward
             while _pending and before is None:
                 before = _pending[-1]()
-                if before is None:         # its graph was freed without a backward
+                if before is None or before.saved is None:   # freed, or already done
                     _pending.pop()
+                    before = None
             if before is not None:
                 _fetch(before)
         else:
@@ -568,7 +573,13 @@ def _matmul_4bit(x, tensors, meta, compute_dtype, sizes, keep=True):
         # too: its output is never saved, and backward multiplies it out again
         # (Gemma 2 2B, 8 x 512: gate/up 151 MB a layer, against 0.35 TFLOP recomputed).
         if keep:
-            w = torch.utils.checkpoint.checkpoint(_unpack, *tensors, meta, h.dtype,
+            # Unpacked straight to the dtype the product runs in: under autocast with another
+            # compute dtype (bitsandbytes' default is float32), autocast's cast of the weight
+            # would otherwise sit outside the region and be saved.
+            wdt = h.dtype
+            if torch.is_autocast_enabled(h.device.type):
+                wdt = torch.get_autocast_dtype(h.device.type)
+            w = torch.utils.checkpoint.checkpoint(_unpack, *tensors, meta, wdt,
                                                   use_reentrant=False)
             y = h @ w.t()
             outs = y.split(sizes, -1) if len(sizes) > 1 else (y,)
@@ -1055,19 +1066,25 @@ def _keep_choice(s: FastSettings, n: int) -> set[int]:
 def _set_keep_outputs(lm, s: FastSettings, checkpointed) -> list[int]:
     """Mark the MLP projections of the layers that recompute their outputs in backward
     (read by `_matmul_4bit` through the module: each choice is its own compiled graph).
-    A checkpointed layer keeps them: its saved outputs live only from its recomputation
-    to its backward."""
+    Returns the layers whose MLP keeps them. A checkpointed layer keeps them (its saved
+    outputs live only from its recomputation to its backward), and so does an MLP where
+    recomputing would save nothing: not gated, or with adapters on gate/up (the sum with
+    the adapter's output, which GELU * up needs, is saved either way)."""
     layers = _decoder_layers(lm)
     keep = _keep_choice(s, len(layers)) | set(checkpointed)
+    kept = []
     for i, layer in enumerate(layers):
         mlp = getattr(layer, "mlp", None)
-        if mlp is None:
-            continue
-        mods = [mlp] + [_base_and_lora(getattr(mlp, name))[0]
-                        for name in ("gate_proj", "up_proj") if hasattr(mlp, name)]
+        projs = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
+        gated = mlp is not None and None not in projs
+        if gated and any(_base_and_lora(m)[1] is not None for m in projs):
+            gated = False
+        mods = [mlp] + [_base_and_lora(m)[0] for m in projs] if gated else []
         for m in mods:
             m._socratic_keep = i in keep
-    return sorted(keep)
+        if i in keep or not gated:
+            kept.append(i)
+    return kept
 
 
 def _set_checkpointing(lm, s: FastSettings):
@@ -1162,9 +1179,10 @@ def apply_fast_path(model, settings: FastSettings | str = "speed"):
             report["fused_qkv"], report["fused_gate_up"] = _patch_fused_projections(
                 lm, gate_up=s.fuse_projections is True)
     report["checkpointed_layers"] = _set_checkpointing(lm, s)
-    if s.dequant == "torch":                  # (read only where the layers are compiled)
-        report["layers_keeping_mlp_outputs"] = _set_keep_outputs(
-            lm, s, report["checkpointed_layers"])
+    if s.dequant == "torch":        # the marks are read where the layers are compiled
+        kept = _set_keep_outputs(lm, s, report["checkpointed_layers"])
+        if s.compile in ("layers", "model"):    # uncompiled, every output is kept
+            report["layers_keeping_mlp_outputs"] = kept
     if s.compile == "model":
         # One graph (forward and backward) for embedding, masks, all layers and the final
         # norm: no guards, wrappers or autograd nodes per layer on the host.

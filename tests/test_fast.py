@@ -433,11 +433,18 @@ def test_stacked_projections_compile_into_one_graph_and_save_no_16bit_weight(tmp
     torch._dynamo.reset()
 
 
+# the tiny stackable model's 4-bit weights as 16-bit matrices (q/k/v stacked or single,
+# gate/up stacked or single, o, down) and their transposes
+_STACKABLE_WEIGHTS = {(512, 256), (1024, 256), (256, 256), (128, 256), (512, 256), (256, 512)}
+_STACKABLE_WEIGHTS |= {w[::-1] for w in _STACKABLE_WEIGHTS}
+
+
 @pytest.mark.parametrize("fuse", [True, "qkv"])
 def test_compiled_layers_keep_mlp_outputs_only_in_the_chosen_layers(tmp_path, fuse):
     """Compiled, a layer whose MLP keeps its outputs (keep_outputs) saves gate and up for
-    backward; the others save nothing of that size and multiply them out again there. Loss
-    and LoRA gradients are the same either way; checkpointed layers always keep them."""
+    backward; the others save nothing of that size and multiply them out again there. No
+    16-bit weight is saved either way; loss and LoRA gradients are the same; checkpointed
+    layers always keep them."""
     pytest.importorskip("bitsandbytes")
     import torch._dynamo
     from conftest import save_tiny
@@ -449,22 +456,70 @@ def test_compiled_layers_keep_mlp_outputs_only_in_the_chosen_layers(tmp_path, fu
         apply_fast_path(model, FastSettings(attention="eager", checkpoint="none",
                                             dequant="torch", fuse_projections=fuse,
                                             keep_outputs=keep))
-        assert model.fast_report["layers_keeping_mlp_outputs"] == layers
+        mlps = [layer.mlp for layer in model.get_base_model().model.layers]
+        assert [i for i, m in enumerate(mlps) if m._socratic_keep] == layers
+        assert all(m.gate_proj._socratic_keep == m.up_proj._socratic_keep == m._socratic_keep
+                   for m in mlps)
         _, saved, loss = _compile_layers_recording_saved(
             model, lambda m: m(input_ids=ids, labels=ids).loss)
         loss.backward()
         # gate and up: 24 tokens x intermediate 512 each, stacked or not
         mlp_outputs = [s for s in saved if s and s[-1] == 512 and math.prod(s) == 24 * 512]
         assert len(mlp_outputs) == 2 * len(layers), (keep, saved)
+        assert not _STACKABLE_WEIGHTS & set(saved), (keep, _STACKABLE_WEIGHTS & set(saved))
         assert abs(loss.item() - ref_loss) < 1e-5
         _assert_close_grads({n: p.grad for n, p in model.named_parameters()
                              if p.requires_grad}, ref, 1e-4)
     torch._dynamo.reset()
     model = _tiny_4bit_lora(path, torch.float32)
     apply_fast_path(model, FastSettings(attention="eager", checkpoint=3, dequant="torch",
-                                        keep_outputs=0.25))
+                                        keep_outputs=0.25, compile="layers"))
     assert model.fast_report["checkpointed_layers"] == [0, 1, 2]
     assert model.fast_report["layers_keeping_mlp_outputs"] == [0, 1, 2]
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_no_16bit_weight_saved_under_autocast_with_another_compute_dtype(tmp_path, keep, fuse):
+    """bitsandbytes' default compute dtype is float32; under bfloat16 autocast (Trainer's
+    bf16=True) the product runs in bfloat16. The weight is unpacked straight to bfloat16
+    inside the must-recompute region, so autocast's cast of it is not saved for backward."""
+    pytest.importorskip("bitsandbytes")
+    import torch._dynamo
+    from conftest import save_tiny
+    path = save_tiny(_stackable_config(2), tmp_path / "m")
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    model = _tiny_4bit_lora(path, torch.float32)          # compute dtype float32
+    apply_fast_path(model, FastSettings(attention="eager", checkpoint="none", dequant="torch",
+                                        fuse_projections=fuse, keep_outputs=keep))
+
+    def run(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(input_ids=ids, labels=ids).loss
+    _, saved, loss = _compile_layers_recording_saved(model, run)
+    loss.backward()
+    torch._dynamo.reset()
+    assert saved and not _STACKABLE_WEIGHTS & set(saved), _STACKABLE_WEIGHTS & set(saved)
+
+
+def test_mlps_with_adapters_on_gate_and_up_always_keep_their_outputs(tmp_path):
+    """With LoRA on gate/up, GELU * up needs base + adapter output, which is saved either
+    way: recomputing the base product would only add work, so those MLPs keep (and are
+    reported as keeping) their outputs whatever keep_outputs says."""
+    pytest.importorskip("bitsandbytes")
+    import torch._dynamo
+    from conftest import save_tiny
+    path = save_tiny(_stackable_config(2), tmp_path / "m")
+    model = _tiny_4bit_lora(path, torch.float32,
+                            target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"])
+    apply_fast_path(model, FastSettings(attention="eager", checkpoint="none", dequant="torch",
+                                        keep_outputs=False, compile="layers"))
+    assert model.fast_report["layers_keeping_mlp_outputs"] == [0, 1]
+    for layer in model.get_base_model().model.layers:
+        assert getattr(layer.mlp, "_socratic_keep", True)
+        assert getattr(layer.mlp.gate_proj.base_layer, "_socratic_keep", True)
+    torch._dynamo.reset()
 
 
 def test_compiled_layers_do_not_recompile_for_every_sequence_length(monkeypatch):
