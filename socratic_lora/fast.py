@@ -435,9 +435,10 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
             out = ctx.run(hidden)
         torch.autograd.backward(out, grad)
-        # The graph's nodes outlive backward for as long as anything holds the loss (ctx.run
-        # holds the layer and so its weights: a notebook that keeps the last loss and loads a
-        # new model kept the old layers on the GPU, ~1 GiB for Gemma 2 2B each time).
+        # The graph's nodes outlive backward for as long as anything holds the loss, and
+        # ctx.run holds the layer and so its weights (tests/test_fast.py). This is not what
+        # keeps ~1 GiB allocated after each memory-mode run in one perf.py process: that
+        # stayed after this change (s9r5, H200; cause not found).
         ctx.saved = ctx.fetched = ctx.fetch_done = ctx.run = None
         return None, None, hidden.grad
 
