@@ -265,8 +265,9 @@ def _compile_layers_recording_saved(model, run):
 
 def test_torch_dequant_path_equals_bitsandbytes_and_compiles_without_graph_breaks(tmp_path):
     """Same loss and LoRA gradients as bitsandbytes' own 4-bit matmul, and each decoder
-    layer traces into one graph (no break) that all layers of a kind share: what makes the
-    compiled layer cheap on the host (docs/performance.md)."""
+    layer traces into one graph (no break) that the layers share (sliding and global alike;
+    the first layer, whose input needs no gradient, has its own): what makes the compiled
+    layer cheap on the host (docs/performance.md)."""
     pytest.importorskip("bitsandbytes")
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -299,7 +300,7 @@ def test_torch_dequant_path_equals_bitsandbytes_and_compiles_without_graph_break
     # (hidden 64, q/o 64 x 64, k/v 32 x 64, MLP 128 x 64 and 64 x 128; 24 tokens).
     weights = {(64, 64), (32, 64), (128, 64), (64, 128)}
     assert saved and not weights & set(saved), weights & set(saved)
-    assert count.frame_count == 2        # one graph for the sliding layers, one for the global
+    assert count.frame_count == 2        # one graph for the first layer, one for the others
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert abs(loss - ref_loss) < 1e-6
     for n in ref:
@@ -405,8 +406,8 @@ def test_stacked_projections_step_aside_when_peft_must_compute_per_projection(tm
 
 def test_stacked_projections_compile_into_one_graph_and_save_no_16bit_weight(tmp_path):
     """Compiled, the stacked 4-bit weights are unpacked again in backward like single ones
-    (no [q+k+v, H] or [2 x intermediate, H] 16-bit matrix saved), with no graph break and one
-    graph per layer kind."""
+    (no [q+k+v, H] or [2 x intermediate, H] 16-bit matrix saved), with no graph break and two
+    graphs (the first layer, whose input needs no gradient, and the others)."""
     pytest.importorskip("bitsandbytes")
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -546,8 +547,9 @@ def test_compiled_layers_do_not_recompile_for_every_sequence_length(monkeypatch)
         loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
         loss.backward()
         losses.append(loss.item())
-    # 3 layers of one kind (Gemma 2 alternates sliding and global: two kinds), each compiled
-    # static for the first length and dynamic for the second; the other four lengths reuse.
+    # Two graphs (the first layer, whose input needs no gradient, and the others, sliding
+    # and global alike), each compiled static for the first length and dynamic for the
+    # second; the other four lengths reuse them.
     assert count.frame_count <= 4, count.frame_count
     assert all(l == l for l in losses)
     torch._dynamo.reset()
@@ -628,7 +630,7 @@ def test_compiled_layers_under_accelerate_device_hooks_have_no_graph_breaks(monk
     for _ in range(2):
         loss, got = _loss_and_lora_grads(model, batch)
     assert not counters["graph_break"], list(counters["graph_break"])
-    assert count.frame_count <= 2, count.frame_count     # sliding and global layers
+    assert count.frame_count <= 2, count.frame_count     # the first layer and the others
     assert abs(loss - ref_loss) < 1e-9
     for n in ref:
         err = (got[n] - ref[n]).norm() / ref[n].norm()
