@@ -416,18 +416,14 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             current = torch.cuda.current_stream(ctx.device)
             current.wait_event(ctx.fetch_done)      # this input only, not the prefetch below
             hidden.record_stream(current)
-            while _pending and _pending[-1]() is None:   # graphs freed without backward
-                _pending.pop()
-            if _pending and _pending[-1]() is ctx:
-                _pending.pop()
-            before = None                  # the layer before: next in backward
-            while _pending and before is None:
+            # Prefetch the layer before (next in backward): drop this layer, graphs freed
+            # without backward and layers already differentiated from the top first.
+            while _pending:
                 before = _pending[-1]()
-                if before is None or before.saved is None:   # freed, or already done
-                    _pending.pop()
-                    before = None
-            if before is not None:
-                _fetch(before)
+                if before is not None and before is not ctx and before.saved is not None:
+                    _fetch(before)
+                    break
+                _pending.pop()
         else:
             hidden = ctx.saved
         hidden = hidden.detach().requires_grad_(True)
