@@ -61,4 +61,10 @@ def push_to_hub(folder, repo_id: str, private: bool = True):
                               "secret HF_TOKEN) / トークンが見つかりません")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
+    # create_repo leaves an existing repository as it is: private=True must not upload into
+    # one that is public.
+    if private and not api.repo_info(repo_id).private:
+        raise PermissionError(f"{repo_id} already exists and is public, so the upload would be "
+                              "public: make it private on the hub, choose a new name, or pass "
+                              "private=False / 既存の公開リポジトリです")
     return api.upload_folder(folder_path=str(folder), repo_id=repo_id)

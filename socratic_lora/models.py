@@ -46,14 +46,25 @@ def get_hf_token() -> str | None:
     if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
         try:
             from kaggle_secrets import UserSecretsClient
-            return UserSecretsClient().get_secret("HF_TOKEN")
+            return _from_store(UserSecretsClient().get_secret("HF_TOKEN"))
         except Exception:  # no secret attached to this notebook
             pass
     try:
         from google.colab import userdata
-        return userdata.get("HF_TOKEN")
+        return _from_store(userdata.get("HF_TOKEN"))
     except Exception:  # not on Colab, or no secret named HF_TOKEN / no access granted
         return None
+
+
+# Tokens read from a notebook's secret store, so that scrub() masks them as well as the
+# environment's (kept in this process's memory only, never written anywhere).
+_store_tokens: set[str] = set()
+
+
+def _from_store(token):
+    if token:
+        _store_tokens.add(token)
+    return token
 
 
 def default_model_path(cache=None) -> Path:
@@ -118,8 +129,10 @@ def _first_line(e: BaseException) -> str:
 
 
 def scrub(text: str, token: str | None = None) -> str:
-    """`text` with the Hugging Face token (given, or the one get_hf_token finds) masked."""
-    for secret in {token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")}:
+    """`text` with the Hugging Face token masked: the one given, the environment's, and any
+    get_hf_token has read from a notebook's secret store."""
+    for secret in {token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN"),
+                   *_store_tokens}:
         if secret and len(secret) >= 8:
             text = text.replace(secret, "hf_***")
     return text

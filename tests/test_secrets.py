@@ -127,3 +127,66 @@ def test_real_process_output_has_no_token(planted, tmp_path):
     assert proc.returncode == 2 and "someone/private-model" in proc.stderr
     assert TOKEN not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
     assert hits(tmp_path) == []
+
+
+def test_token_from_the_colab_secret_store_is_masked_in_cli_errors(monkeypatch):
+    """A token that came from Colab's secret store (not the environment) is masked in any
+    error line too, also where the code that raised did not have the token at hand."""
+    import types
+
+    from socratic_lora import models
+    from socratic_lora.cli import error_line
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
+    store_token = "hf_" + "".join(random.Random(7).choices(string.ascii_letters, k=34))
+    colab = types.ModuleType("google.colab")
+    colab.userdata = types.SimpleNamespace(get=lambda name: store_token
+                                           if name == "HF_TOKEN" else None)
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setattr(models, "_store_tokens", set())
+    leak = RuntimeError(f"upload failed: 401 for token {store_token}")
+    assert store_token in error_line(leak)          # not read from the store yet
+    assert models.get_hf_token() == store_token
+    line = error_line(leak)
+    assert store_token not in line and "hf_***" in line and "upload failed" in line
+
+
+class _FakeApi:
+    """HfApi's three calls push_to_hub makes, against an in-memory hub."""
+    hub: dict = {}
+    uploads: list = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, private=False, exist_ok=False):
+        if repo_id in self.hub and not exist_ok:
+            raise RuntimeError("exists")
+        self.hub.setdefault(repo_id, private)      # an existing repository keeps its setting
+
+    def repo_info(self, repo_id):
+        import types
+        return types.SimpleNamespace(private=self.hub[repo_id])
+
+    def upload_folder(self, folder_path, repo_id):
+        self.uploads.append((folder_path, repo_id))
+        return f"uploaded {repo_id}"
+
+
+def test_push_to_hub_never_uploads_into_an_existing_public_repository(planted, monkeypatch,
+                                                                      tmp_path):
+    import huggingface_hub
+
+    from socratic_lora.export import push_to_hub
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeApi)
+    monkeypatch.setattr(_FakeApi, "hub", {"me/public-one": False})
+    monkeypatch.setattr(_FakeApi, "uploads", [])
+    with pytest.raises(PermissionError, match="me/public-one already exists and is public"):
+        push_to_hub(tmp_path, "me/public-one")
+    assert _FakeApi.uploads == []
+    assert push_to_hub(tmp_path, "me/new-one") == "uploaded me/new-one"
+    assert _FakeApi.hub["me/new-one"] is True                     # created private
+    assert push_to_hub(tmp_path, "me/public-one", private=False) == "uploaded me/public-one"
+    assert [r for _, r in _FakeApi.uploads] == ["me/new-one", "me/public-one"]
