@@ -16,6 +16,9 @@ from .chat import pieces
 
 # Named decoding settings. "report": the source training report's sampling; "competition":
 # the write-up's repetition penalty on greedy decoding; "greedy": deterministic, for evaluation.
+# no_repeat_ngram_size is applied to the reply only and never bans the stop tokens
+# (ReplyNoRepeatNGram): transformers' own setting also counts the prompt, so a tutor could
+# neither quote the learner nor end its turn after "？" once the learner's turn ended so.
 PRESETS = {
     "report": dict(do_sample=True, temperature=0.7, top_p=0.75, top_k=40,
                    no_repeat_ngram_size=2, max_new_tokens=256),
@@ -150,6 +153,43 @@ def _settings(preset, overrides):
     return {**PRESETS[preset], **overrides}
 
 
+class ReplyNoRepeatNGram:
+    """Logits processor: no n-gram of token ids occurs twice in the reply (the tokens after
+    the first `start`), and the `keep` ids (the stop tokens) are never banned.
+
+    transformers' `no_repeat_ngram_size` looks at prompt and reply together; in a chat the
+    prompt holds the learner's words and "？<end_of_turn>", so the reply could neither quote
+    the learner nor end its turn after a question."""
+
+    def __init__(self, size: int, start: int, keep=()):
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"no_repeat_ngram_size={size!r}: use a whole number of tokens >= 1")
+        self.size, self.start, self.keep = size, start, set(keep)
+
+    def __call__(self, input_ids, scores):
+        n = self.size
+        for row, ids in enumerate(input_ids[:, self.start:].tolist()):
+            if len(ids) < n - 1:
+                continue
+            tail = tuple(ids[len(ids) - n + 1:]) if n > 1 else ()
+            banned = {ids[i + n - 1] for i in range(len(ids) - n + 1)
+                      if tuple(ids[i:i + n - 1]) == tail} - self.keep
+            if banned:
+                scores[row, sorted(banned)] = float("-inf")
+        return scores
+
+
+def _generate_kwargs(gen, tok, prompt_len):
+    """`gen` for model.generate, with no_repeat_ngram_size as ReplyNoRepeatNGram."""
+    gen = dict(gen)
+    size = gen.pop("no_repeat_ngram_size", 0)
+    if size:
+        from transformers import LogitsProcessorList
+        gen["logits_processor"] = LogitsProcessorList(
+            [*gen.pop("logits_processor", []), ReplyNoRepeatNGram(size, prompt_len, stop_ids(tok))])
+    return gen
+
+
 def reply(model, tok, messages, preset: str = "greedy", stream: bool = False,
           prompt_format: str = "gemma", **overrides) -> str:
     """The tutor's next turn for `messages` (ending with the learner's turn)."""
@@ -162,8 +202,9 @@ def reply(model, tok, messages, preset: str = "greedy", stream: bool = False,
     ids = tok(text, add_special_tokens=False, return_tensors="pt").to(model.device)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
     with torch.no_grad():
-        out = model.generate(**ids, **gen, eos_token_id=stop_ids(tok),
-                             pad_token_id=tok.pad_token_id, streamer=streamer)
+        out = model.generate(**ids, **_generate_kwargs(gen, tok, ids["input_ids"].shape[1]),
+                             eos_token_id=stop_ids(tok), pad_token_id=tok.pad_token_id,
+                             streamer=streamer)
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -216,8 +257,9 @@ def reply_batch(model, tok, conversations, preset: str = "greedy", batch_size: i
                                    **gen)
             else:
                 with torch.no_grad():
-                    gen_ids = model.generate(**ids, **gen, eos_token_id=stop_ids(tok),
-                                             pad_token_id=tok.pad_token_id)
+                    gen_ids = model.generate(
+                        **ids, **_generate_kwargs(gen, tok, ids["input_ids"].shape[1]),
+                        eos_token_id=stop_ids(tok), pad_token_id=tok.pad_token_id)
                 new = gen_ids[:, ids["input_ids"].shape[1]:]
             out += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
     finally:

@@ -107,3 +107,59 @@ def test_eval_command_writes_table_and_chart(tmp_path, trained_adapter):
     assert list(res["systems"]) == ["base", "prompted", "fewshot", "tuned"]
     assert all("leakage" in m and "question_rate" in m for m in res["systems"].values())
     assert "| tuned |" in (out / "eval.md").read_text() and (out / "eval.png").stat().st_size > 1000
+
+
+def test_reply_ngram_ban_ignores_the_prompt_and_never_bans_the_stop_tokens():
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    from socratic_lora.generate import ReplyNoRepeatNGram
+    # prompt [.., 5, 9(= "？"), 1(= <end_of_turn>)], reply so far [7, 8, 7, 5, 9]
+    ids = torch.tensor([[3, 5, 9, 1, 7, 8, 7, 5, 9]])
+    scores = torch.zeros(1, 12)
+    out = ReplyNoRepeatNGram(2, start=4, keep=[1])(ids, scores.clone())
+    assert torch.isinf(out[0]).nonzero().flatten().tolist() == []   # 9 -> 1 only in the prompt
+    hf = NoRepeatNGramLogitsProcessor(2)(ids, scores.clone())
+    assert torch.isinf(hf[0, 1])          # transformers' own setting bans ending the turn here
+    out = ReplyNoRepeatNGram(2, start=4, keep=[1])(torch.tensor([[3, 5, 7, 8, 7]]), scores.clone())
+    assert torch.isinf(out[0]).nonzero().flatten().tolist() == []   # reply = [7]: nothing yet
+    out = ReplyNoRepeatNGram(2, start=2, keep=[1])(torch.tensor([[3, 5, 7, 8, 1, 7]]),
+                                                   scores.clone())
+    assert torch.isinf(out[0]).nonzero().flatten().tolist() == [8]  # 7 -> 8 seen in the reply
+    out = ReplyNoRepeatNGram(2, start=2, keep=[1])(torch.tensor([[3, 5, 7, 1, 4, 7]]),
+                                                   scores.clone())
+    assert not torch.isinf(out[0, 1])                               # a stop token: never banned
+    # Otherwise it is transformers' rule applied to the reply alone (random rows, n = 1..4).
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 4):
+        for _ in range(30):
+            seq = torch.randint(0, 6, (3, 14), generator=g)
+            s = torch.randn(3, 6, generator=g)
+            ours = ReplyNoRepeatNGram(n, start=5)(seq, s.clone())
+            ref = NoRepeatNGramLogitsProcessor(n)(seq[:, 5:], s.clone())
+            assert torch.equal(ours, ref)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size=0.5"):
+        ReplyNoRepeatNGram(0.5, start=0)
+
+
+def test_report_preset_bans_ngrams_through_the_reply_only_processor(tiny_chat_dir, monkeypatch):
+    """reply and reply_batch hand generate a ReplyNoRepeatNGram (starting after the prompt),
+    not transformers' no_repeat_ngram_size."""
+    from socratic_lora.generate import ReplyNoRepeatNGram
+    model, tok = load_chat_model(tiny_chat_dir)
+    seen = []
+    real = model.generate
+
+    def spy(**kw):
+        seen.append(kw)
+        return real(**kw)
+    monkeypatch.setattr(model, "generate", spy)
+    conv = [{"role": "user", "content": "なぜ？"}]
+    reply(model, tok, conv, preset="report", max_new_tokens=4)
+    reply_batch(model, tok, [conv, conv + conv[:0]], preset="report", max_new_tokens=4)
+    reply(model, tok, conv, preset="greedy", max_new_tokens=4)
+    for kw in seen[:2]:
+        assert "no_repeat_ngram_size" not in kw
+        (proc,) = kw["logits_processor"]
+        assert isinstance(proc, ReplyNoRepeatNGram) and proc.size == 2
+        assert proc.start == kw["input_ids"].shape[1] and set(stop_ids(tok)) <= proc.keep
+    assert "logits_processor" not in seen[2]
