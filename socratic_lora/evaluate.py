@@ -389,8 +389,9 @@ def parse_judgement(text: str) -> dict:
     out = {}
     for label in JUDGE_LABELS:
         v = data.get(label)
-        if not isinstance(v, (int, float)) or not 1 <= v <= 5:
-            raise ValueError(f"judge reply: {label}={v!r} is not a score from 1 to 5")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v not in (1, 2, 3, 4, 5):
+            raise ValueError(f"judge reply: {label}={v!r} is not a whole score from 1 to 5 "
+                             "(no fractions: rounding them would be a guess)")
         out[label] = int(v)
     out["reason"] = str(data.get("reason", ""))
     return out

@@ -120,3 +120,10 @@ def test_judge_hook_with_any_callable():
         parse_judgement('{"reveals_answer": 5, "guidance": 4, "actionable": 3, "tone": 9}')
     with pytest.raises(ValueError, match="no JSON"):
         parse_judgement("five stars")
+    # A fractional score is refused, not silently cut to a whole one; 4.0 is the score 4.
+    with pytest.raises(ValueError, match="guidance=4.5 is not a whole score"):
+        parse_judgement('{"reveals_answer": 5, "guidance": 4.5, "actionable": 3, "tone": 5}')
+    with pytest.raises(ValueError, match="tone=True"):
+        parse_judgement('{"reveals_answer": 5, "guidance": 4, "actionable": 3, "tone": true}')
+    assert parse_judgement('{"reveals_answer": 5.0, "guidance": 4, "actionable": 1, '
+                           '"tone": 2}')["reveals_answer"] == 5
