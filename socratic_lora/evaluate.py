@@ -274,9 +274,10 @@ def prompt_for(system: str, context: list[dict], retriever=None) -> list[dict]:
 
 def run_eval(model="default", adapter=None, split="eval", systems=SYSTEMS, limit=None,
              preset="greedy", max_new_tokens=64, batch_size=16, seed=0,
-             per_subject: int | None = None) -> dict:
+             per_subject: int | None = None, quant=None) -> dict:
     """Generate with every system on the same prompts and score them; returns the results.
-    `per_subject`: keep only the first N prompts of every subject (see `spread_items`)."""
+    `per_subject`: keep only the first N prompts of every subject (see `spread_items`);
+    `quant`: QuantSettings to load the base with (None: 16-bit)."""
     import torch
 
     from .data import load_split
@@ -292,7 +293,7 @@ def run_eval(model="default", adapter=None, split="eval", systems=SYSTEMS, limit
     if per_subject is not None:
         items = spread_items(items, per_subject)
     torch.manual_seed(seed)
-    m, tok = load_chat_model(model, adapter=adapter)
+    m, tok = load_chat_model(model, adapter=adapter, quant=quant)
     retriever = Retriever(load_split("train")) if "fewshot" in systems else None
     results = {"split": split, "items": len(items), "preset": preset,
                "max_new_tokens": max_new_tokens, "systems": {}, "examples": {}}
@@ -425,10 +426,11 @@ def spread_items(items, per_subject: int) -> list[dict]:
 
 
 def run_eval_sample(model="default", adapter=None, split="eval", per_subject=2, systems=SYSTEMS,
-                    preset="greedy", max_new_tokens=64, batch_size=16, seed=0) -> dict:
+                    preset="greedy", max_new_tokens=64, batch_size=16, seed=0,
+                    quant=None) -> dict:
     """`run_eval` on `per_subject` prompts of every subject (a quick run for the book).
 
     The prompts are the full run's own (same seed, same tutor turn per dialogue), so the
     subsample's replies can be compared with the full-size results."""
     return run_eval(model, adapter, split, systems, None, preset, max_new_tokens, batch_size,
-                    seed, per_subject=per_subject)
+                    seed, per_subject=per_subject, quant=quant)

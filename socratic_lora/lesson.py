@@ -52,6 +52,13 @@ class LessonEnv:
         overrides.setdefault("output_dir", str(self.work / self.config))
         return load_settings(self.config, **overrides)
 
+    @property
+    def quant(self):
+        """How lessons load the base to chat and evaluate: 4-bit NF4 on the GPU (as trained,
+        and as the page says), None (16-bit) for the offline default on the CPU."""
+        from .quant import QuantSettings
+        return QuantSettings(bits=4) if self.use_gpu_model else None
+
     def adapter(self) -> Path:
         """The tuned adapter for this setting: trained by lesson 06 and reused by later lessons.
         When a lesson runs alone (Colab, Kaggle) and it is missing, it is trained here."""

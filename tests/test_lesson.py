@@ -29,6 +29,7 @@ def test_gpu_switch_picks_the_t4_configs(tmp_path, monkeypatch):
         assert (env.model, env.config, env.gpus) == ("google/gemma-2-2b-jpn-it", config, gpus)
         assert "gemma-2-2b-jpn-it" in str(env)
         assert env.settings().output_dir == str(tmp_path / config)
+        assert env.quant.bits == 4 and env.quant.quant_type == "nf4"   # as str(env) says
 
 
 def test_offline_switch_names_the_model_and_hides_its_path(tmp_path):
@@ -38,6 +39,26 @@ def test_offline_switch_names_the_model_and_hides_its_path(tmp_path):
     assert env.model not in str(env)          # an absolute cache path never reaches a page
     s = env.settings(max_steps=1)
     assert s.output_dir == str(tmp_path / "runs" / "demo") and s.max_steps == 1
+    assert env.quant is None
+
+
+def test_evaluation_loads_the_base_with_the_quantization_it_is_given(monkeypatch):
+    """Lessons 07/08 pass env.quant: on the GPU the page's model is the 4-bit one."""
+    from socratic_lora import QuantSettings, generate
+    from socratic_lora.evaluate import run_eval_sample
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def fake_load(model, adapter=None, **kw):
+        seen.update(kw, model=model)
+        raise Loaded
+    monkeypatch.setattr(generate, "load_chat_model", fake_load)
+    q = QuantSettings(bits=4)
+    with pytest.raises(Loaded):
+        run_eval_sample("some/model", split="eval", per_subject=1, systems=("base",), quant=q)
+    assert seen == {"model": "some/model", "quant": q}
 
 
 @pytest.mark.parametrize("model_id", sorted(KNOWN_CONFIGS))
