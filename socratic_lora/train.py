@@ -313,13 +313,26 @@ def training_arguments(s: TrainSettings, model, has_eval: bool):
 
 
 def save_atomically(save, target: Path) -> None:
-    """Call save(tmp) then rename tmp to target: a kill mid-save never leaves a half adapter."""
+    """Call save(tmp) then rename tmp to target: a kill mid-save never leaves a half adapter.
+
+    A save that fails (or is interrupted) removes its temporary folder and leaves `target`
+    as it was; an old `target` is renamed aside until the new one is in place, so a whole
+    folder exists at every moment (a hard kill can leave the hidden .tmp/.old folder)."""
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    if target.exists():
-        shutil.rmtree(target)
+    try:
+        save(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
     os.replace(tmp, target)
+    shutil.rmtree(old)
 
 
 # --- reliability: atomic checkpoints, resume from complete ones only, stop on inf/NaN ---------

@@ -187,3 +187,31 @@ def test_merge_overwrite_never_replaces_the_working_directory(capsys, tmp_path, 
             "refusing to replace this folder")
     refused(capsys, ["merge", "--adapter", adapter_dir, "--out", "."], "is not empty", "--overwrite")
     assert (work / "precious.txt").read_text() == "keep"
+
+
+def test_a_failed_save_leaves_the_old_folder_and_no_temporary_one(tmp_path):
+    """merge --overwrite and the final adapter: a save that dies half way (disk full,
+    Ctrl-C) keeps the old folder whole and removes its own temporary folder."""
+    from socratic_lora.train import save_atomically
+    target = tmp_path / "merged"
+    target.mkdir()
+    (target / "model.safetensors").write_text("old weights")
+
+    def dies(folder, exc):
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("half")
+        raise exc
+    for exc in (OSError("disk full"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)):
+            save_atomically(lambda p: dies(p, exc), target)
+        assert (target / "model.safetensors").read_text() == "old weights"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+    def writes(folder):
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("new weights")
+    save_atomically(writes, target)
+    assert (target / "model.safetensors").read_text() == "new weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    save_atomically(writes, tmp_path / "fresh")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "merged"]
