@@ -39,7 +39,9 @@ class TrainSettings:
     lora_alpha: int = 32              # update scale alpha/r; keep alpha = 2r
     lora_dropout: float = 0.1         # regularisation for small data; 0.0 is faster
     lora_targets: str | list = "attention"  # attention | mlp | all-linear | list of layer names
-    gradient_checkpointing: bool = True     # recompute activations: less memory, ~30 % slower
+    gradient_checkpointing: bool = True     # recompute activations: less memory, ~30 % slower.
+                                      # mode speed/memory: the preset picks the layers (speed:
+                                      # none, memory: all); false turns it off in every mode
     mode: str = "reference"           # reference | speed | memory: socratic_lora.fast (docs/performance.md)
     # Data
     train_data: str = "train"         # shipped split name, a .jsonl, or a datasets file/folder
@@ -118,7 +120,7 @@ def load_settings(name_or_path, **overrides) -> TrainSettings:
         raise ValueError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected 'key: value' lines, got {type(raw).__name__}")
-    raw.update({k: v for k, v in overrides.items() if v is not None})
+    raw.update(overrides)         # an override of None sets None (eval_data=None: no evaluation)
     known = {f.name: f for f in dataclasses.fields(TrainSettings)}
     defaults = TrainSettings()
     for key, value in raw.items():
@@ -126,6 +128,10 @@ def load_settings(name_or_path, **overrides) -> TrainSettings:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ValueError(f"{path}: unknown key '{key}'{hint}; see TrainSettings for the keys")
+        if value is None and "None" not in str(known[key].type):
+            raise ValueError(f"{path}: key '{key}' has no value (an empty 'key:' line or null); "
+                             f"give one like {getattr(defaults, key)!r}, or remove the line "
+                             "to use that default")
         raw[key] = _check_type(key, value, getattr(defaults, key), str(path))
     s = TrainSettings(**raw)
     check_values(s, str(path))

@@ -55,12 +55,25 @@ def test_config_values_from_the_sources():
     ("pack_length: 2048\n", "key 'pack_length': is set but packing is false"),
     ("- a\n- b\n", "expected 'key: value' lines"),
     ("model: [unclosed\n", "not valid YAML"),
+    ("lora_r:\n", r"key 'lora_r' has no value \(an empty 'key:' line or null\); give one like 16"),
+    ("learning_rate: null\n", "key 'learning_rate' has no value"),
 ])
 def test_bad_configs_name_the_key(tmp_path, text, match):
     p = tmp_path / "bad.yaml"
     p.write_text(text)
     with pytest.raises(ValueError, match=match):
         load_settings(str(p))
+
+
+def test_none_overrides_and_nullable_keys_take_effect(tmp_path):
+    """eval_data=None turns evaluation off (it used to be dropped silently, leaving the
+    config's 'eval'); keys that may be empty accept null in YAML too."""
+    assert load_settings("demo").eval_data == "eval"
+    assert load_settings("demo", eval_data=None).eval_data is None
+    p = tmp_path / "c.yaml"
+    p.write_text("eval_data: null\nmin_japanese:\n")
+    s = load_settings(str(p))
+    assert s.eval_data is None and s.min_japanese is None
 
 
 def test_unknown_config_name_lists_the_shipped_ones():
