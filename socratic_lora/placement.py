@@ -315,7 +315,7 @@ def plan_placement(model_or_config, mode: str = "balanced", gpu_budgets=None,
             placed[b.name] = gpus[0]
         fits = total <= budgets[gpus[0]]
     if not fits:
-        placed = _fill_in_order(blocks, budgets, placed, allow_offload)
+        placed = _fill_in_order(blocks, budgets, placed, allow_offload, bits)
     for b in blocks:  # a tied block lives with the weights it shares
         if b.tied_to:
             placed[b.name] = placed[b.tied_to]
@@ -324,7 +324,7 @@ def plan_placement(model_or_config, mode: str = "balanced", gpu_budgets=None,
     return Plan(mode, device_map, budgets, blocks, placed, allow_offload)
 
 
-def _fill_in_order(blocks, budgets, balanced, allow_offload):
+def _fill_in_order(blocks, budgets, balanced, allow_offload, bits=4):
     """Budgets too small for the balanced split: fill devices in order, CPU last if allowed."""
     gpus = [d for d in budgets if d != "cpu"]
     used = dict.fromkeys(budgets, 0.0)
@@ -356,8 +356,9 @@ def _fill_in_order(blocks, budgets, balanced, allow_offload):
     if allow_offload:
         msg += f"; the CPU budget ({gib(budgets['cpu'])} GiB) cannot take the rest either"
     else:
-        msg += (". Raise the budgets, use fewer bits (4-bit), or pass allow_offload=True to let "
-                "layers run on the CPU (slow) / メモリが足りません")
+        fewer = ", use fewer bits (4-bit)" if bits > 4 else ""
+        msg += (f". Raise the budgets{fewer}, or pass allow_offload=True to let layers run on "
+                "the CPU (slow) / メモリが足りません")
     raise PlacementError(msg)
 
 

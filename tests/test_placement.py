@@ -62,6 +62,10 @@ def test_refuses_when_budgets_are_too_small():
     msg = str(err.value)
     assert "missing" in msg and "GPU" in msg and "allow_offload" in msg
     assert "4.87 GiB" in msg                                   # what the weights need
+    assert "use fewer bits (4-bit)" in msg
+    with pytest.raises(PlacementError) as err:                 # already 4-bit: no such advice
+        plan_placement(reference_config(), "balanced", {0: "0.5GiB", 1: "0.5GiB"}, bits=4)
+    assert "fewer bits" not in str(err.value) and "allow_offload" in str(err.value)
 
 
 def test_refusal_names_the_device_that_is_short():
