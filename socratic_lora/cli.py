@@ -91,11 +91,16 @@ def _chat(args) -> None:
 
 
 def _merge(args) -> None:
-    from .export import merge_adapter, push_to_hub
+    from .export import merge_adapter, push_to_hub, write_card
+    from .generate import adapter_base
 
     out = merge_adapter(args.adapter, args.out, model=args.model, overwrite=args.overwrite)
     print(f"merged model written to {out}")
     if args.push_to_hub:
+        base = adapter_base(args.adapter) if args.model == "default" else args.model
+        files = write_card(out, base)
+        print(f"model card written: {', '.join(f.name for f in files)} (edit before making "
+              "the repository public)")
         push_to_hub(out, args.push_to_hub)
         print(f"pushed to {args.push_to_hub}")
 

@@ -48,13 +48,120 @@ def merge_adapter(adapter, out, model="default", dtype=torch.bfloat16, overwrite
     return out
 
 
+# The notice Gemma's terms (section 3.1) ask every distribution of Gemma or a model derivative
+# (a merged model, an adapter) to carry in a "Notice" text file.
+GEMMA_NOTICE = ("Gemma is provided under and subject to the Gemma Terms of Use found at "
+                "ai.google.dev/gemma/terms\n")
+_TEMPLATE_MARK = "[More Information Needed]"     # peft's and transformers' card template
+
+
+def _is_gemma(folder: Path, base) -> bool:
+    import json
+    if base == "default" or "gemma" in str(base or "").lower():
+        return True
+    for name, key in (("config.json", "model_type"), ("adapter_config.json",
+                                                       "base_model_name_or_path")):
+        f = folder / name
+        if f.is_file():
+            try:
+                if "gemma" in str(json.loads(f.read_text("utf-8")).get(key, "")).lower():
+                    return True
+            except ValueError:
+                pass
+    return False
+
+
+def write_card(folder, base=None, overwrite: bool = False) -> list[Path]:
+    """Write a model card (README.md) and, for a Gemma base, the NOTICE file its terms ask
+    for, into a merged folder or an adapter folder before sharing it. `base`: the model it
+    was trained on (default: the adapter's record). A local base folder is named by its last
+    part only (a full path can show a user name). Returns the files written; an existing card
+    other than the peft/transformers template is kept unless `overwrite`."""
+    from .generate import adapter_base
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder; merge or train first")
+    base = base or adapter_base(folder)
+    card = folder / "README.md"
+    if card.exists() and not overwrite and _TEMPLATE_MARK not in card.read_text("utf-8"):
+        raise FileExistsError(f"{card} is already written; pass overwrite=True to replace it")
+    is_adapter = (folder / "adapter_config.json").is_file()
+    gemma = _is_gemma(folder, base)
+    from .models import cache_dir
+    offline = (cache_dir() / "gemma-3-270m").resolve()
+    if base == "default" or (base and Path(str(base)).expanduser().resolve() == offline):
+        base_name, hub_base = "Gemma 3 270M (base), this package's offline default", None
+    elif base and Path(str(base)).expanduser().exists():
+        base_name, hub_base = f"a local model folder ({Path(str(base)).name})", None
+    else:
+        base_name, hub_base = (str(base), str(base)) if base else ("(not recorded)", None)
+    front = ["---", f"license: {'gemma' if gemma else 'other'}", "language:", "- ja"]
+    if hub_base:
+        front.append(f"base_model: {hub_base}")
+    front += [f"library_name: {'peft' if is_adapter else 'transformers'}",
+              "tags:", "- socratic-tutor", "- lora", "- japanese", "---", ""]
+    kind = "A LoRA adapter" if is_adapter else "A model (LoRA merged into the base)"
+    body = f"""# Japanese Socratic tutor
+
+{kind} trained with socratic-lora (a Jupyter Book and Python package) to answer a learner
+with guiding questions instead of the answer (ソクラテス式の家庭教師: 答えを言わずに問いで導きます).
+
+- Base model: {base_name}
+- Training data: the socratic-lora Japanese Socratic dialogues, CC BY 4.0,
+  credit: socratic-lora contributors
+- Intended use: practice and study; a tutor that asks questions, not a source of facts.
+
+## Limitations
+- It does not state answers on purpose, and it can be wrong about facts: check them.
+- Small models drift off topic and can repeat themselves; quantizing after merging rounds
+  part of the update away.
+
+## License
+"""
+    if gemma:
+        body += """This is a model derivative of Gemma and is distributed under the
+[Gemma Terms of Use](https://ai.google.dev/gemma/terms) and the
+[Gemma Prohibited Use Policy](https://ai.google.dev/gemma/prohibited_use_policy), which apply
+to everyone who receives it. See NOTICE.
+"""
+    else:
+        body += "Distributed under the base model's license; state it here before sharing.\n"
+    written = [card]
+    card.write_text("\n".join(front) + body, "utf-8")
+    if gemma:
+        (folder / "NOTICE").write_text(GEMMA_NOTICE, "utf-8")
+        written.append(folder / "NOTICE")
+    return written
+
+
+def check_card(folder) -> None:
+    """Refuse to share a folder without a model card, with peft's unfilled template, or a
+    Gemma derivative without the NOTICE file its terms require."""
+    from .generate import adapter_base
+
+    folder = Path(folder)
+    card = folder / "README.md"
+    fix = f"write them with socratic_lora.export.write_card('{folder}') or by hand"
+    if not card.is_file():
+        raise FileNotFoundError(f"{folder}: no model card (README.md); {fix} / モデルカードがありません")
+    if _TEMPLATE_MARK in card.read_text("utf-8"):
+        raise ValueError(f"{card}: still the unfilled template ({_TEMPLATE_MARK}); {fix} / "
+                         "モデルカードが未記入です")
+    if _is_gemma(folder, adapter_base(folder)) and not (folder / "NOTICE").is_file():
+        raise FileNotFoundError(f"{folder}: a Gemma derivative needs a NOTICE file (Gemma Terms "
+                                f"of Use, section 3.1); {fix} / NOTICE がありません")
+
+
 def push_to_hub(folder, repo_id: str, private: bool = True):
     """Upload a merged folder or an adapter; the token comes from HF_TOKEN or the notebook's
-    secret store and is never printed."""
+    secret store and is never printed. The folder needs its model card (and, for Gemma, the
+    NOTICE file): see write_card."""
     from huggingface_hub import HfApi
 
     from .models import get_hf_token
 
+    check_card(folder)
     token = get_hf_token()
     if token is None:
         raise PermissionError("no Hugging Face token: set HF_TOKEN (Colab/Kaggle: add the "

@@ -83,6 +83,9 @@ def test_no_command_prints_or_writes_the_token(planted, capfd, caplog, tmp_path,
     assert (run / "checkpoint-2" / "training_args.bin").exists()
     assert (run / "checkpoint-2" / "trainer_state.json").exists() and (run / "report.json").exists()
     assert (tmp_path / "eval" / "eval.json").exists() and (tmp_path / "merged" / "config.json").exists()
+    # merge --push-to-hub wrote the card and Gemma's NOTICE before trying to upload
+    assert (tmp_path / "merged" / "NOTICE").exists()
+    assert str(tmp_path) not in (tmp_path / "merged" / "README.md").read_text()
     assert "socratic-lora merge: error:" in err and "socratic-lora plan: error:" in err
     assert "tutor> " in out
     assert TOKEN not in out and TOKEN not in err and TOKEN not in caplog.text
@@ -180,6 +183,7 @@ def test_push_to_hub_never_uploads_into_an_existing_public_repository(planted, m
     import huggingface_hub
 
     from socratic_lora.export import push_to_hub
+    (tmp_path / "README.md").write_text("# a card\n")
     monkeypatch.setattr(huggingface_hub, "HfApi", _FakeApi)
     monkeypatch.setattr(_FakeApi, "hub", {"me/public-one": False})
     monkeypatch.setattr(_FakeApi, "uploads", [])
@@ -190,3 +194,57 @@ def test_push_to_hub_never_uploads_into_an_existing_public_repository(planted, m
     assert _FakeApi.hub["me/new-one"] is True                     # created private
     assert push_to_hub(tmp_path, "me/public-one", private=False) == "uploaded me/public-one"
     assert [r for _, r in _FakeApi.uploads] == ["me/new-one", "me/public-one"]
+
+
+def test_sharing_needs_a_filled_card_and_the_gemma_notice(planted, monkeypatch, tmp_path):
+    """push_to_hub refuses a folder without a model card, with peft's unfilled template, or
+    a Gemma derivative without NOTICE; write_card writes both, never a local path."""
+    import huggingface_hub
+
+    from socratic_lora.export import GEMMA_NOTICE, push_to_hub, write_card
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeApi)
+    monkeypatch.setattr(_FakeApi, "hub", {})
+    monkeypatch.setattr(_FakeApi, "uploads", [])
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    base_dir = tmp_path / "alice" / "gemma-3-270m"
+    base_dir.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": str(base_dir)}))
+    (adapter / "socratic_lora.json").write_text(json.dumps({"base": str(base_dir)}))
+    with pytest.raises(FileNotFoundError, match="no model card"):
+        push_to_hub(adapter, "me/tutor")
+    (adapter / "README.md").write_text("---\nbase_model: /home/alice\n---\n"
+                                       "- **License:** [More Information Needed]\n")
+    with pytest.raises(ValueError, match="unfilled template"):
+        push_to_hub(adapter, "me/tutor")
+    (adapter / "README.md").write_text("# my own card\n")
+    with pytest.raises(FileNotFoundError, match="needs a NOTICE file"):
+        push_to_hub(adapter, "me/tutor")
+    assert _FakeApi.uploads == []
+    with pytest.raises(FileExistsError, match="already written"):     # my card is kept
+        write_card(adapter)
+    files = write_card(adapter, overwrite=True)
+    assert [f.name for f in files] == ["README.md", "NOTICE"]
+    card = (adapter / "README.md").read_text()
+    assert "license: gemma" in card and "library_name: peft" in card and "base_model" not in card
+    assert "alice" not in card and "gemma-3-270m" in card and "CC BY 4.0" in card
+    assert (adapter / "NOTICE").read_text() == GEMMA_NOTICE
+    assert push_to_hub(adapter, "me/tutor") == "uploaded me/tutor"
+    merged = tmp_path / "merged"                     # a hub base goes into the front matter
+    merged.mkdir()
+    (merged / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
+    write_card(merged, "google/gemma-2-2b-jpn-it")
+    card = (merged / "README.md").read_text()
+    assert "base_model: google/gemma-2-2b-jpn-it" in card and "library_name: transformers" in card
+    (tmp_path / "cache" / "gemma-3-270m").mkdir(parents=True)   # the offline default, by name
+    write_card(merged, str(tmp_path / "cache" / "gemma-3-270m"), overwrite=True)
+    assert "Base model: Gemma 3 270M (base), this package's offline default" in \
+        (merged / "README.md").read_text()
+    other = tmp_path / "other"                       # not Gemma: no NOTICE, license to state
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+    assert [f.name for f in write_card(other, "rinna/japanese-gpt-neox-3.6b")] == ["README.md"]
+    assert "license: other" in (other / "README.md").read_text()
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        write_card(tmp_path / "missing")
