@@ -162,7 +162,7 @@ class ReplyNoRepeatNGram:
     the learner nor end its turn after a question."""
 
     def __init__(self, size: int, start: int, keep=()):
-        if not isinstance(size, int) or size < 1:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"no_repeat_ngram_size={size!r}: use a whole number of tokens >= 1")
         self.size, self.start, self.keep = size, start, set(keep)
 
@@ -186,7 +186,8 @@ def _generate_kwargs(gen, tok, prompt_len):
     if size:
         from transformers import LogitsProcessorList
         gen["logits_processor"] = LogitsProcessorList(
-            [*gen.pop("logits_processor", []), ReplyNoRepeatNGram(size, prompt_len, stop_ids(tok))])
+            [*(gen.pop("logits_processor", None) or []),
+             ReplyNoRepeatNGram(size, prompt_len, stop_ids(tok))])
     return gen
 
 

@@ -137,8 +137,9 @@ def test_reply_ngram_ban_ignores_the_prompt_and_never_bans_the_stop_tokens():
             ours = ReplyNoRepeatNGram(n, start=5)(seq, s.clone())
             ref = NoRepeatNGramLogitsProcessor(n)(seq[:, 5:], s.clone())
             assert torch.equal(ours, ref)
-    with pytest.raises(ValueError, match="no_repeat_ngram_size=0.5"):
-        ReplyNoRepeatNGram(0.5, start=0)
+    for bad in (0.5, 0, True):
+        with pytest.raises(ValueError, match=f"no_repeat_ngram_size={bad!r}"):
+            ReplyNoRepeatNGram(bad, start=0)
 
 
 def test_report_preset_bans_ngrams_through_the_reply_only_processor(tiny_chat_dir, monkeypatch):
@@ -154,12 +155,16 @@ def test_report_preset_bans_ngrams_through_the_reply_only_processor(tiny_chat_di
         return real(**kw)
     monkeypatch.setattr(model, "generate", spy)
     conv = [{"role": "user", "content": "なぜ？"}]
+    longer = [{"role": "user", "content": "これはずっと長い質問で、左に詰め物が必要になります"}]
     reply(model, tok, conv, preset="report", max_new_tokens=4)
-    reply_batch(model, tok, [conv, conv + conv[:0]], preset="report", max_new_tokens=4)
+    reply_batch(model, tok, [conv, longer], preset="report", max_new_tokens=4)
     reply(model, tok, conv, preset="greedy", max_new_tokens=4)
-    for kw in seen[:2]:
+    reply(model, tok, conv, preset="report", max_new_tokens=4, logits_processor=None)
+    for kw in seen[:2] + seen[3:]:
         assert "no_repeat_ngram_size" not in kw
         (proc,) = kw["logits_processor"]
         assert isinstance(proc, ReplyNoRepeatNGram) and proc.size == 2
         assert proc.start == kw["input_ids"].shape[1] and set(stop_ids(tok)) <= proc.keep
+    # the batch's rows differ in length: the ban starts after the padded prompt of both
+    assert (seen[1]["attention_mask"] == 0).any() and seen[1]["input_ids"].shape[0] == 2
     assert "logits_processor" not in seen[2]
