@@ -91,14 +91,12 @@ def _chat(args) -> None:
 
 
 def _merge(args) -> None:
-    from .export import merge_adapter, push_to_hub, write_card
-    from .generate import adapter_base
+    from .export import merge_adapter, merge_base, push_to_hub, write_card
 
     out = merge_adapter(args.adapter, args.out, model=args.model, overwrite=args.overwrite)
     print(f"merged model written to {out}")
     if args.push_to_hub:
-        base = adapter_base(args.adapter) if args.model == "default" else args.model
-        files = write_card(out, base)
+        files = write_card(out, merge_base(args.adapter, args.model))
         print(f"model card written: {', '.join(f.name for f in files)} (edit before making "
               "the repository public)")
         push_to_hub(out, args.push_to_hub)
@@ -290,7 +288,7 @@ def error_line(e: BaseException, limit: int = 600) -> str:
         text = e.args[0]
     else:
         text = str(e)
-    text = scrub(" ".join(text.split())) or type(e).__name__
+    text = " ".join(scrub(text).split()) or type(e).__name__   # mask, then fold the lines
     if len(text) > limit:
         text = text[:limit - 3] + "..."
     if not isinstance(e, _EXPECTED) or type(e).__module__.startswith(("torch", "transformers",

@@ -13,11 +13,21 @@ from pathlib import Path
 import torch
 
 
+def merge_base(adapter, model="default") -> str:
+    """The base merge_adapter merges into: `model`, or for "default" the base the adapter's
+    training recorded (socratic_lora.json), else the offline default ("default")."""
+    from .generate import adapter_base
+
+    if model == "default" and (Path(adapter) / "socratic_lora.json").exists():
+        return adapter_base(adapter) or model
+    return model
+
+
 def merge_adapter(adapter, out, model="default", dtype=torch.bfloat16, overwrite=False):
     """Write base + adapter, merged, to `out` (a folder loadable with from_pretrained)."""
     from peft import PeftModel
 
-    from .generate import adapter_base, check_adapter
+    from .generate import check_adapter
     from .models import default_model_path, get_hf_token, load_config, load_model
     from .train import save_atomically
 
@@ -31,8 +41,7 @@ def merge_adapter(adapter, out, model="default", dtype=torch.bfloat16, overwrite
                                        or (out / ".git").exists()):
         raise FileExistsError(f"--out {out}: refusing to replace this folder (it holds your "
                               "working directory, home or a git repository); give a new folder")
-    if model == "default" and (adapter / "socratic_lora.json").exists():
-        model = adapter_base(adapter) or model
+    model = merge_base(adapter, model)
     model_id = str(default_model_path()) if model == "default" else model
     token = None if Path(model_id).is_dir() else get_hf_token()
     check_adapter(adapter, load_config(model_id, token=token), model_id)
@@ -53,30 +62,97 @@ def merge_adapter(adapter, out, model="default", dtype=torch.bfloat16, overwrite
 GEMMA_NOTICE = ("Gemma is provided under and subject to the Gemma Terms of Use found at "
                 "ai.google.dev/gemma/terms\n")
 _TEMPLATE_MARK = "[More Information Needed]"     # peft's and transformers' card template
+# Files whose base model field records where the base was loaded from (a local path, when
+# it was a folder): uploaded with the folder's name instead (_public_json).
+_BASE_FIELDS = {"adapter_config.json": "base_model_name_or_path", "socratic_lora.json": "base"}
 
 
-def _is_gemma(folder: Path, base) -> bool:
-    import json
-    if base == "default" or "gemma" in str(base or "").lower():
+def _is_hub_id(name) -> bool:
+    """Whether `name` is a hub repository id (owner/name), not a local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    text = str(name or "")
+    if not text or text.startswith(("/", "~", ".")) or "\\" in text or Path(text).exists():
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _offline_default(base) -> bool:
+    from .models import cache_dir
+    if base == "default":
         return True
-    for name, key in (("config.json", "model_type"), ("adapter_config.json",
-                                                       "base_model_name_or_path")):
+    return bool(base) and not _is_hub_id(base) and \
+        Path(str(base)).expanduser().resolve() == (cache_dir() / "gemma-3-270m").resolve()
+
+
+def _public_name(base) -> str:
+    """How a base may be named in a shared file: its hub id, or only a folder's last part (a
+    full path can show a user name)."""
+    import re
+    text = str(base)
+    return text if _is_hub_id(text) else re.split(r"[\\/]", text.rstrip("\\/"))[-1]
+
+
+def _names_gemma(base) -> bool:
+    """Whether `base` (hub id, folder or "default") is a Gemma model: a folder by its
+    config.json's model_type, a hub id or a missing folder by its (last) name."""
+    import json
+    if not base:
+        return False
+    if _offline_default(base):
+        return True
+    config = Path(str(base)).expanduser() / "config.json"
+    if not _is_hub_id(base) and config.is_file():
+        try:
+            return str(json.loads(config.read_text("utf-8")).get("model_type", "")).startswith("gemma")
+        except ValueError:
+            pass
+    return "gemma" in _public_name(base).lower()
+
+
+def _recorded_bases(folder: Path) -> list:
+    import json
+    out = []
+    for name, key in _BASE_FIELDS.items():
         f = folder / name
         if f.is_file():
             try:
-                if "gemma" in str(json.loads(f.read_text("utf-8")).get(key, "")).lower():
-                    return True
-            except ValueError:
+                out.append(json.loads(f.read_text("utf-8")).get(key))
+            except (ValueError, AttributeError):
                 pass
-    return False
+    return out
+
+
+def _is_gemma(folder: Path, base) -> bool:
+    """A merged folder by its config.json's model_type; an adapter by the bases it records."""
+    import json
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            if str(json.loads(config.read_text("utf-8")).get("model_type", "")).startswith("gemma"):
+                return True
+        except ValueError:
+            pass
+    return any(_names_gemma(b) for b in (base, *_recorded_bases(folder)))
+
+
+def _is_template(text: str) -> bool:
+    """peft's/transformers' unfilled card: the marker many times (a card that mentions it
+    once or twice is the user's)."""
+    return text.count(_TEMPLATE_MARK) >= 3
 
 
 def write_card(folder, base=None, overwrite: bool = False) -> list[Path]:
     """Write a model card (README.md) and, for a Gemma base, the NOTICE file its terms ask
     for, into a merged folder or an adapter folder before sharing it. `base`: the model it
-    was trained on (default: the adapter's record). A local base folder is named by its last
-    part only (a full path can show a user name). Returns the files written; an existing card
-    other than the peft/transformers template is kept unless `overwrite`."""
+    was trained on (default: the adapter's record). A base that is not a hub id is named by
+    its folder's last part only (a full path can show a user name). Returns the files
+    written; an existing card other than the peft/transformers template is kept unless
+    `overwrite`."""
     from .generate import adapter_base
 
     folder = Path(folder)
@@ -84,18 +160,18 @@ def write_card(folder, base=None, overwrite: bool = False) -> list[Path]:
         raise FileNotFoundError(f"{folder}: no such folder; merge or train first")
     base = base or adapter_base(folder)
     card = folder / "README.md"
-    if card.exists() and not overwrite and _TEMPLATE_MARK not in card.read_text("utf-8"):
+    if card.exists() and not overwrite and not _is_template(card.read_text("utf-8")):
         raise FileExistsError(f"{card} is already written; pass overwrite=True to replace it")
     is_adapter = (folder / "adapter_config.json").is_file()
     gemma = _is_gemma(folder, base)
-    from .models import cache_dir
-    offline = (cache_dir() / "gemma-3-270m").resolve()
-    if base == "default" or (base and Path(str(base)).expanduser().resolve() == offline):
+    if _offline_default(base):
         base_name, hub_base = "Gemma 3 270M (base), this package's offline default", None
-    elif base and Path(str(base)).expanduser().exists():
-        base_name, hub_base = f"a local model folder ({Path(str(base)).name})", None
+    elif _is_hub_id(base):
+        base_name, hub_base = str(base), str(base)
+    elif base:
+        base_name, hub_base = f"a local model folder ({_public_name(base)})", None
     else:
-        base_name, hub_base = (str(base), str(base)) if base else ("(not recorded)", None)
+        base_name, hub_base = "(not recorded)", None
     front = ["---", f"license: {'gemma' if gemma else 'other'}", "language:", "- ja"]
     if hub_base:
         front.append(f"base_model: {hub_base}")
@@ -138,19 +214,53 @@ to everyone who receives it. See NOTICE.
 def check_card(folder) -> None:
     """Refuse to share a folder without a model card, with peft's unfilled template, or a
     Gemma derivative without the NOTICE file its terms require."""
-    from .generate import adapter_base
-
     folder = Path(folder)
     card = folder / "README.md"
     fix = f"write them with socratic_lora.export.write_card('{folder}') or by hand"
     if not card.is_file():
         raise FileNotFoundError(f"{folder}: no model card (README.md); {fix} / モデルカードがありません")
-    if _TEMPLATE_MARK in card.read_text("utf-8"):
+    if _is_template(card.read_text("utf-8")):
         raise ValueError(f"{card}: still the unfilled template ({_TEMPLATE_MARK}); {fix} / "
                          "モデルカードが未記入です")
-    if _is_gemma(folder, adapter_base(folder)) and not (folder / "NOTICE").is_file():
+    if _is_gemma(folder, None) and not (folder / "NOTICE").is_file():
         raise FileNotFoundError(f"{folder}: a Gemma derivative needs a NOTICE file (Gemma Terms "
                                 f"of Use, section 3.1); {fix} / NOTICE がありません")
+
+
+def _public_json(f: Path):
+    """The bytes to upload for `f`: its base field rewritten to a public name when it holds
+    a local path; None to upload the file as it is."""
+    import json
+    key = _BASE_FIELDS.get(f.name)
+    if key is None:
+        return None
+    try:
+        data = json.loads(f.read_text("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict) or not data.get(key) or _is_hub_id(data[key]) \
+            or data[key] == "default":
+        return None
+    data[key] = _public_name(data[key])
+    return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def upload_operations(folder) -> list:
+    """The files push_to_hub uploads, as hub commit operations: every file of `folder` but
+    hidden ones, with a local base path in adapter_config.json / socratic_lora.json replaced
+    by the folder's name (peft records where the base was loaded from)."""
+    from huggingface_hub import CommitOperationAdd
+
+    folder = Path(folder)
+    ops = []
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = f.relative_to(folder).as_posix()
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue                     # .git, .cache, a save's temporary folder
+        data = _public_json(f)
+        ops.append(CommitOperationAdd(path_in_repo=rel,
+                                      path_or_fileobj=data if data is not None else str(f)))
+    return ops
 
 
 def push_to_hub(folder, repo_id: str, private: bool = True):
@@ -174,4 +284,5 @@ def push_to_hub(folder, repo_id: str, private: bool = True):
         raise PermissionError(f"{repo_id} already exists and is public, so the upload would be "
                               "public: make it private on the hub, choose a new name, or pass "
                               "private=False / 既存の公開リポジトリです")
-    return api.upload_folder(folder_path=str(folder), repo_id=repo_id)
+    return api.create_commit(repo_id, operations=upload_operations(folder),
+                             commit_message="Upload with socratic-lora")

@@ -41,8 +41,8 @@ def get_hf_token() -> str | None:
     never print it or put it in a notebook output.
     """
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        if os.environ.get(var):
-            return os.environ[var]
+        if os.environ.get(var, "").strip():
+            return os.environ[var].strip()     # a pasted token often ends with a newline
     if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
         try:
             from kaggle_secrets import UserSecretsClient
@@ -62,9 +62,10 @@ _store_tokens: set[str] = set()
 
 
 def _from_store(token):
+    token = token.strip() if isinstance(token, str) else token
     if token:
         _store_tokens.add(token)
-    return token
+    return token or None
 
 
 def default_model_path(cache=None) -> Path:
@@ -133,8 +134,9 @@ def scrub(text: str, token: str | None = None) -> str:
     get_hf_token has read from a notebook's secret store."""
     for secret in {token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN"),
                    *_store_tokens}:
-        if secret and len(secret) >= 8:
-            text = text.replace(secret, "hf_***")
+        for form in {secret, (secret or "").strip()}:    # with and without a pasted newline
+            if form and len(form) >= 8:
+                text = text.replace(form, "hf_***")
     return text
 
 

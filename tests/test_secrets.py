@@ -173,8 +173,12 @@ class _FakeApi:
         import types
         return types.SimpleNamespace(private=self.hub[repo_id])
 
-    def upload_folder(self, folder_path, repo_id):
-        self.uploads.append((folder_path, repo_id))
+    def create_commit(self, repo_id, operations, commit_message=""):
+        files = {}
+        for op in operations:
+            src = op.path_or_fileobj
+            files[op.path_in_repo] = src if isinstance(src, bytes) else Path(src).read_bytes()
+        self.uploads.append((files, repo_id))
         return f"uploaded {repo_id}"
 
 
@@ -214,8 +218,9 @@ def test_sharing_needs_a_filled_card_and_the_gemma_notice(planted, monkeypatch, 
     (adapter / "socratic_lora.json").write_text(json.dumps({"base": str(base_dir)}))
     with pytest.raises(FileNotFoundError, match="no model card"):
         push_to_hub(adapter, "me/tutor")
-    (adapter / "README.md").write_text("---\nbase_model: /home/alice\n---\n"
-                                       "- **License:** [More Information Needed]\n")
+    (adapter / "README.md").write_text("---\nbase_model: /home/alice\n---\n" + "".join(
+        f"- **{k}:** [More Information Needed]\n" for k in ("Developed by", "Language(s)",
+                                                             "License", "Finetuned from")))
     with pytest.raises(ValueError, match="unfilled template"):
         push_to_hub(adapter, "me/tutor")
     (adapter / "README.md").write_text("# my own card\n")
@@ -248,3 +253,126 @@ def test_sharing_needs_a_filled_card_and_the_gemma_notice(planted, monkeypatch, 
     assert "license: other" in (other / "README.md").read_text()
     with pytest.raises(FileNotFoundError, match="no such folder"):
         write_card(tmp_path / "missing")
+
+
+def test_shared_files_never_carry_a_local_path_and_cards_are_judged_fairly(planted, monkeypatch,
+                                                                          tmp_path):
+    """peft records where the base was loaded from: the upload names the folder only. A base
+    path from another machine never reaches the card; a card that quotes the template marker
+    is the user's; Gemma is told by the model type or the base's name, not a parent folder."""
+    import huggingface_hub
+
+    from socratic_lora.export import _is_gemma, check_card, push_to_hub, write_card
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeApi)
+    monkeypatch.setattr(_FakeApi, "hub", {})
+    monkeypatch.setattr(_FakeApi, "uploads", [])
+    adapter = tmp_path / "adapter"
+    (adapter / "sub").mkdir(parents=True)
+    elsewhere = "/home/alice/.cache/socratic_lora/gemma-3-270m"    # not on this machine
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": elsewhere, "r": 16}))
+    (adapter / "socratic_lora.json").write_text(json.dumps({"base": elsewhere}))
+    (adapter / "sub" / "w.bin").write_bytes(b"\0\1")
+    (adapter / ".tmp").mkdir()
+    (adapter / ".tmp" / "x").write_text("half")
+    write_card(adapter)
+    card = (adapter / "README.md").read_text()
+    assert "alice" not in card and "home" not in card and "base_model:" not in card
+    assert "local model folder (gemma-3-270m)" in card and (adapter / "NOTICE").exists()
+    push_to_hub(adapter, "me/tutor")
+    (files, repo), = _FakeApi.uploads
+    assert sorted(files) == ["NOTICE", "README.md", "adapter_config.json", "socratic_lora.json",
+                             "sub/w.bin"]                      # hidden folders stay home
+    assert all(b"alice" not in data for data in files.values())
+    assert json.loads(files["adapter_config.json"]) == {"base_model_name_or_path": "gemma-3-270m",
+                                                        "r": 16}
+    assert json.loads(files["socratic_lora.json"]) == {"base": "gemma-3-270m"}
+    assert json.loads((adapter / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == elsewhere                # the local file is untouched
+    hub = tmp_path / "hub_adapter"                             # a hub id is uploaded as it is
+    hub.mkdir()
+    (hub / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": "google/gemma-2-2b-jpn-it"}))
+    write_card(hub)
+    push_to_hub(hub, "me/tutor2")
+    assert json.loads(_FakeApi.uploads[-1][0]["adapter_config.json"]) == {
+        "base_model_name_or_path": "google/gemma-2-2b-jpn-it"}
+    # a card of the user's that mentions the marker once is neither refused nor overwritten
+    mine = "# My card\nI replaced every [More Information Needed] by hand.\n"
+    (hub / "README.md").write_text(mine)
+    check_card(hub)
+    with pytest.raises(FileExistsError):
+        write_card(hub)
+    assert (hub / "README.md").read_text() == mine
+    # Gemma or not: by model_type / base name, not by a parent folder called gemma
+    llama = tmp_path / "gemma" / "models" / "llama-3"
+    llama.mkdir(parents=True)
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    renamed = tmp_path / "base"
+    renamed.mkdir()
+    (renamed / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
+    for base, gemma in ((str(llama), False), (str(renamed), True),
+                        ("/home/gemma/models/llama-3", False), ("google/gemma-2-2b", True),
+                        ("rinna/japanese-gpt-neox-3.6b", False)):
+        a = tmp_path / f"a{len(str(base))}{gemma}"
+        a.mkdir()
+        (a / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+        assert _is_gemma(a, None) is gemma, base
+
+
+def test_cli_merge_card_names_the_base_it_merged_into(planted, monkeypatch, tmp_path,
+                                                      capsys):
+    """merge without a training record merges into the offline default: the card says so,
+    not what adapter_config.json (another machine's path) names."""
+    import shutil
+
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeApi)
+    monkeypatch.setattr(_FakeApi, "hub", {})
+    monkeypatch.setattr(_FakeApi, "uploads", [])
+    from socratic_lora import export
+    from socratic_lora.export import merge_base
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": "/home/alice/models/other"}))
+    assert merge_base(adapter) == "default"
+    (adapter / "socratic_lora.json").write_text(json.dumps({"base": "google/gemma-2-2b-jpn-it"}))
+    assert merge_base(adapter) == "google/gemma-2-2b-jpn-it"
+    assert merge_base(adapter, "my/base") == "my/base"
+    (adapter / "socratic_lora.json").unlink()
+
+    def fake_merge(adapter, out, model="default", overwrite=False):
+        Path(out).mkdir()
+        (Path(out) / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
+        return Path(out)
+    monkeypatch.setattr(export, "merge_adapter", fake_merge)
+    assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "m"),
+                 "--push-to-hub", "me/m"]) == 0
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "offline default" in card and "alice" not in card and "other" not in card
+    assert _FakeApi.uploads[-1][1] == "me/m"
+    shutil.rmtree(tmp_path / "m")
+
+
+def test_a_pasted_token_with_a_newline_is_stripped_and_masked(monkeypatch):
+    import types
+
+    from socratic_lora import models
+    from socratic_lora.cli import error_line
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
+    monkeypatch.setattr(models, "_store_tokens", set())
+    monkeypatch.setenv("HF_TOKEN", TOKEN + "\n")
+    assert models.get_hf_token() == TOKEN
+    line = error_line(ValueError(f"Illegal header value b'Bearer {TOKEN}\n' (x)\nmore"))
+    assert TOKEN not in line and "hf_***" in line
+    monkeypatch.delenv("HF_TOKEN")
+    pasted = "hf_" + "".join(random.Random(9).choices(string.ascii_letters, k=34))
+    colab = types.ModuleType("google.colab")
+    colab.userdata = types.SimpleNamespace(get=lambda name: pasted + "\n")
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    assert models.get_hf_token() == pasted
+    line = error_line(RuntimeError(f"401 for token {pasted}\n and more"))
+    assert pasted not in line and "hf_***" in line
