@@ -120,8 +120,12 @@ def load_settings(name_or_path, **overrides) -> TrainSettings:
         raise ValueError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected 'key: value' lines, got {type(raw).__name__}")
-    raw.update(overrides)         # an override of None sets None (eval_data=None: no evaluation)
     known = {f.name: f for f in dataclasses.fields(TrainSettings)}
+    for key, value in overrides.items():
+        if value is None and key in known and "None" not in str(known[key].type):
+            raise ValueError(f"override {key}=None (--set {key}= with no value, or a None "
+                             f"argument): give a value like {getattr(TrainSettings(), key)!r}")
+    raw.update(overrides)         # an override of None sets None (eval_data=None: no evaluation)
     defaults = TrainSettings()
     for key, value in raw.items():
         if key not in known:
@@ -338,7 +342,7 @@ def save_atomically(save, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
     os.replace(target, old)
     os.replace(tmp, target)
-    shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)   # the new folder is in place whatever happens here
 
 
 # --- reliability: atomic checkpoints, resume from complete ones only, stop on inf/NaN ---------

@@ -70,6 +70,8 @@ def test_none_overrides_and_nullable_keys_take_effect(tmp_path):
     config's 'eval'); keys that may be empty accept null in YAML too."""
     assert load_settings("demo").eval_data == "eval"
     assert load_settings("demo", eval_data=None).eval_data is None
+    with pytest.raises(ValueError, match=r"override lora_r=None \(--set lora_r= with no value"):
+        load_settings("demo", lora_r=None)          # names the override, not the YAML file
     p = tmp_path / "c.yaml"
     p.write_text("eval_data: null\nmin_japanese:\n")
     s = load_settings(str(p))
