@@ -97,47 +97,38 @@ def _public_name(base) -> str:
     return text if _is_hub_id(text) else re.split(r"[\\/]", text.rstrip("\\/"))[-1]
 
 
+def _json_field(path: Path, key):
+    """`key` of the JSON object in `path`; None when the file, the object or the key is
+    missing or unreadable."""
+    import json
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def _gemma_config(folder: Path) -> bool:
+    return str(_json_field(folder / "config.json", "model_type") or "").startswith("gemma")
+
+
 def _names_gemma(base) -> bool:
     """Whether `base` (hub id, folder or "default") is a Gemma model: a folder by its
     config.json's model_type, a hub id or a missing folder by its (last) name."""
-    import json
     if not base:
         return False
     if _offline_default(base):
         return True
-    config = Path(str(base)).expanduser() / "config.json"
-    if not _is_hub_id(base) and config.is_file():
-        try:
-            return str(json.loads(config.read_text("utf-8")).get("model_type", "")).startswith("gemma")
-        except ValueError:
-            pass
+    folder = Path(str(base)).expanduser()
+    if not _is_hub_id(base) and (folder / "config.json").is_file():
+        return _gemma_config(folder)
     return "gemma" in _public_name(base).lower()
-
-
-def _recorded_bases(folder: Path) -> list:
-    import json
-    out = []
-    for name, key in _BASE_FIELDS.items():
-        f = folder / name
-        if f.is_file():
-            try:
-                out.append(json.loads(f.read_text("utf-8")).get(key))
-            except (ValueError, AttributeError):
-                pass
-    return out
 
 
 def _is_gemma(folder: Path, base) -> bool:
     """A merged folder by its config.json's model_type; an adapter by the bases it records."""
-    import json
-    config = folder / "config.json"
-    if config.is_file():
-        try:
-            if str(json.loads(config.read_text("utf-8")).get("model_type", "")).startswith("gemma"):
-                return True
-        except ValueError:
-            pass
-    return any(_names_gemma(b) for b in (base, *_recorded_bases(folder)))
+    recorded = [_json_field(folder / name, key) for name, key in _BASE_FIELDS.items()]
+    return _gemma_config(folder) or any(_names_gemma(b) for b in (base, *recorded))
 
 
 def _is_template(text: str) -> bool:
@@ -232,16 +223,11 @@ def _public_json(f: Path):
     a local path; None to upload the file as it is."""
     import json
     key = _BASE_FIELDS.get(f.name)
-    if key is None:
+    base = _json_field(f, key) if key else None
+    if not base or _is_hub_id(base) or base == "default":
         return None
-    try:
-        data = json.loads(f.read_text("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(data, dict) or not data.get(key) or _is_hub_id(data[key]) \
-            or data[key] == "default":
-        return None
-    data[key] = _public_name(data[key])
+    data = json.loads(f.read_text("utf-8"))
+    data[key] = _public_name(base)
     return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
