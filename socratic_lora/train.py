@@ -121,8 +121,9 @@ def load_settings(name_or_path, **overrides) -> TrainSettings:
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected 'key: value' lines, got {type(raw).__name__}")
     known = {f.name: f for f in dataclasses.fields(TrainSettings)}
+    nullable = {name for name, f in known.items() if "None" in str(f.type)}   # `int | None`
     for key, value in overrides.items():
-        if value is None and key in known and "None" not in str(known[key].type):
+        if value is None and key in known and key not in nullable:
             raise ValueError(f"override {key}=None (--set {key}= with no value, or a None "
                              f"argument): give a value like {getattr(TrainSettings(), key)!r}")
     raw.update(overrides)         # an override of None sets None (eval_data=None: no evaluation)
@@ -132,7 +133,7 @@ def load_settings(name_or_path, **overrides) -> TrainSettings:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ValueError(f"{path}: unknown key '{key}'{hint}; see TrainSettings for the keys")
-        if value is None and "None" not in str(known[key].type):
+        if value is None and key not in nullable:
             raise ValueError(f"{path}: key '{key}' has no value (an empty 'key:' line or null); "
                              f"give one like {getattr(defaults, key)!r}, or remove the line "
                              "to use that default")
