@@ -27,8 +27,8 @@ def _plan(args) -> None:
     parse_memory(args.cpu, "--cpu")
     model = args.model
     if model not in KNOWN_CONFIGS or Path(model).is_dir():   # shipped configs need no download
-        from .models import get_hf_token, load_config
-        token = None if Path(model).is_dir() else get_hf_token()
+        from .models import get_hf_token, is_local, load_config
+        token = None if is_local(model) else get_hf_token()
         model = load_config(model, token=token)
     budgets = dict(enumerate(args.gpu)) if args.gpu else None
     plan = plan_placement(model, args.mode, budgets, args.cpu, bits=args.bits,

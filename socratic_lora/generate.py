@@ -109,7 +109,7 @@ def load_chat_model(model="default", adapter=None, **load_kwargs):
     """A base model, a base plus a LoRA adapter, or a merged folder, ready to generate.
 
     With an adapter and model="default", the base is taken from the adapter's record."""
-    from .models import default_model_path, get_hf_token, load_config, load_model
+    from .models import default_model_path, get_hf_token, is_local, load_config, load_model
 
     if adapter is not None:
         check_adapter(adapter)
@@ -119,7 +119,7 @@ def load_chat_model(model="default", adapter=None, **load_kwargs):
                 model = adapter_base(adapter) or model
     model_id = str(default_model_path()) if model == "default" else model
     if adapter is not None:
-        token = None if Path(model_id).is_dir() else get_hf_token()
+        token = None if is_local(model_id) else get_hf_token()
         check_adapter(adapter, load_config(model_id, token=token), model_id)
     m, tok = load_model(model_id, **load_kwargs)
     if adapter is not None:

@@ -29,15 +29,17 @@ _MARKER = "socratic_lora.json"
 
 
 def cache_dir(path=None) -> Path:
-    """Where converted models live: `path`, $SOCRATIC_LORA_CACHE, or ~/.cache/socratic_lora."""
+    """Where converted models live: `path`, $SOCRATIC_LORA_CACHE, or ~/.cache/socratic_lora.
+    A leading ~ is expanded (a notebook's %env does not expand it)."""
     return Path(path or os.environ.get("SOCRATIC_LORA_CACHE")
-                or Path.home() / ".cache" / "socratic_lora")
+                or Path.home() / ".cache" / "socratic_lora").expanduser()
 
 
 def get_hf_token() -> str | None:
-    """The Hugging Face token from $HF_TOKEN, Kaggle's secrets or Colab's secret store.
+    """The Hugging Face token from $HF_TOKEN, Kaggle's secrets, Colab's secret store, or the
+    login saved by `huggingface_hub.login()` / `notebook_login()` / `hf auth login`.
 
-    Returns None when there is none. The token is only ever passed to `from_pretrained`;
+    Returns None when there is none. The token is only ever passed to the hub's functions;
     never print it or put it in a notebook output.
     """
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
@@ -51,8 +53,21 @@ def get_hf_token() -> str | None:
             pass
     try:
         from google.colab import userdata
-        return _from_store(userdata.get("HF_TOKEN"))
+        token = _from_store(userdata.get("HF_TOKEN"))
+        if token:
+            return token
     except Exception:  # not on Colab, or no secret named HF_TOKEN / no access granted
+        pass
+    return _saved_login()
+
+
+def _saved_login() -> str | None:
+    """The token file a hub login wrote, read directly (huggingface_hub.get_token() may also
+    exchange or refresh tokens over the network)."""
+    try:
+        from huggingface_hub import constants
+        return _from_store(Path(constants.HF_TOKEN_PATH).read_text(encoding="utf-8"))
+    except (ImportError, OSError, UnicodeDecodeError):
         return None
 
 
@@ -92,10 +107,26 @@ def default_model_path(cache=None) -> Path:
     return target
 
 
+def _remove_orphans(target: Path) -> None:
+    """Temporary folders of conversions whose process is gone (killed before its `finally`:
+    a stopped Kaggle session, a kernel restart, `timeout`); each holds hundreds of MB."""
+    for old in target.parent.glob(f".{target.name}.tmp-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:        # no such process: nobody is writing there
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError:                   # alive, owned by someone else
+            pass
+
+
 def _convert_gguf(gguf_pkg, target: Path, marker: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(target)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -126,8 +157,34 @@ def _convert_gguf(gguf_pkg, target: Path, marker: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _is_local(model_id) -> bool:
-    return Path(model_id).is_dir()
+def is_local(model_id) -> bool:
+    return Path(str(model_id)).expanduser().is_dir()
+
+
+def check_safetensors(model_id) -> None:
+    """Weights are loaded from safetensors only: a pickled .bin can run code when loaded."""
+    p = Path(model_id)
+    if not list(p.glob("*.safetensors")):
+        raise OSError(f"model {model_id}: no *.safetensors weights in the folder"
+                      f"{' (only pickle .bin files)' if list(p.glob('*.bin')) else ''}"
+                      "; this package loads safetensors only (a .bin file can run code when "
+                      "it is loaded): re-save the model with save_pretrained(folder) from a "
+                      "source you trust")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                    "vocab.json", "spiece.model")
+
+
+def check_tokenizer_files(model_id) -> None:
+    """A local model folder must hold its tokenizer: without one, transformers 5 builds an
+    empty tokenizer of the model's type and every word becomes <unk>, silently."""
+    p = Path(str(model_id)).expanduser()
+    if p.is_dir() and not any((p / f).is_file() for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"model {model_id}: the folder has no tokenizer ({', '.join(_TOKENIZER_FILES[:3])}); "
+            "save it next to the weights with tokenizer.save_pretrained(folder) / "
+            "フォルダーにトークナイザーがありません")
 
 
 def _first_line(e: BaseException) -> str:
@@ -204,6 +261,7 @@ def check_gpus_exist(plan, model_id) -> None:
 def load_tokenizer(model_id, token=None):
     from transformers import AutoTokenizer
 
+    check_tokenizer_files(model_id)
     tok = AutoTokenizer.from_pretrained(model_id, token=token)
     if tok.chat_template is None:
         tok.chat_template = chat_template()
@@ -227,9 +285,15 @@ def load_model(model_id, quant: QuantSettings | None = None, mode: str | None = 
     from transformers import AutoModelForCausalLM
 
     quant = quant or QuantSettings(bits=16)
-    if token is None and not _is_local(model_id):
+    local = is_local(model_id)
+    if local:
+        model_id = str(Path(str(model_id)).expanduser())
+    elif token is None:
         token = get_hf_token()
     config = load_config(model_id, token=token, trust_remote_code=trust_remote_code)
+    if local:       # before minutes of loading weights
+        check_safetensors(model_id)
+        check_tokenizer_files(model_id)
     if mode is None:
         mode = "single" if torch.cuda.is_available() else "cpu"
     if dtype is None:
@@ -249,12 +313,6 @@ def load_model(model_id, quant: QuantSettings | None = None, mode: str | None = 
             attn_implementation=attn_implementation, token=token,
             trust_remote_code=trust_remote_code, use_safetensors=True)
     except OSError as e:
-        if _is_local(model_id) and not list(Path(model_id).glob("*.safetensors")):
-            raise OSError(f"model {model_id}: no *.safetensors weights in the folder"
-                          f"{' (only pickle .bin files)' if list(Path(model_id).glob('*.bin')) else ''}"
-                          "; this package loads safetensors only (a .bin file can run code when "
-                          "it is loaded): re-save the model with save_pretrained(folder) from a "
-                          "source you trust") from None
         raise OSError(scrub(f"model {model_id}: weights cannot be loaded ({_first_line(e)})",
                             token)) from None
     verify_placement(model, plan)

@@ -59,10 +59,26 @@ def random_examples(lengths, seed=0, prompt=3):
     return out
 
 
+def tiny_word_tokenizer(vocab_size=VOCAB):
+    """A word-level tokenizer of `vocab_size` tokens (<pad>, <eos>, <bos>, <unk>, t4, t5...),
+    for tiny models that need a tokenizer in their folder but no real vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3,
+             **{f"t{i}": i for i in range(4, vocab_size)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>", unk_token="<unk>")
+
+
 def save_tiny(config, path, seed=0):
+    """A tiny model saved as save_pretrained writes it, with a word-level tokenizer (a
+    folder without one is refused by load_model)."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tiny_word_tokenizer(config.vocab_size).save_pretrained(path)
     return str(path)
 
 

@@ -47,11 +47,12 @@ def test_balanced_load_over_two_gpus(gemma2_4layers):
 def test_gemma2_2b_architecture_balanced_4bit_matches_the_plan(tmp_path_factory):
     """The real gemma-2-2b-jpn-it shapes (random weights), the source notebook's 4 GiB budgets."""
     from transformers import Gemma2ForCausalLM
-    from conftest import reference_config
+    from conftest import reference_config, tiny_word_tokenizer
     path = tmp_path_factory.mktemp("gemma2_2b")
     torch.manual_seed(0)
     with torch.device("cuda:0"):
         Gemma2ForCausalLM(reference_config()).to(torch.bfloat16).save_pretrained(path)
+    tiny_word_tokenizer(8).save_pretrained(path)      # ids are fed directly; the loader wants one
     torch.cuda.empty_cache()
     before = [torch.cuda.memory_allocated(i) for i in range(2)]
     model, _ = load_model(str(path), quant=QuantSettings(bits=4), mode="balanced",

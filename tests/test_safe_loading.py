@@ -114,7 +114,8 @@ def test_a_known_architecture_with_auto_map_loads_the_builtin_code(tmp_path, tin
     import shutil
     folder = remote_code_model(tmp_path / "gemma_with_auto_map", sentinel, "gemma2",
                                Path(tiny_gemma2_dir) / "config.json")
-    shutil.copy(Path(tiny_gemma2_dir) / "model.safetensors", folder)
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tiny_gemma2_dir) / name, folder)
     model, _ = load_model(str(folder), mode="cpu")
     assert type(model).__module__.startswith("transformers.models.gemma2")
 
