@@ -61,6 +61,8 @@ class Block:
     params: int = 0
     quantized_params: int = 0
     bytes: float = 0.0
+    offload_bytes: float = 0.0     # on the CPU next to GPUs: bitsandbytes leaves an offloaded
+                                   # block unquantized (16-bit), whatever `bits` says
     layer: int | None = None       # index for decoder layers, None for the other blocks
     tied_to: str | None = None     # a block whose weights this one shares (tied output head)
 
@@ -152,6 +154,7 @@ def block_sizes(config, bits: int = 16, double_quant: bool = True) -> list[Block
             continue
         seen[id(p)] = b
         b.params += p.numel()
+        b.offload_bytes += p.numel() * plain
         if name in linear_weights and bits < 16:
             b.quantized_params += p.numel()
             b.bytes += p.numel() * bytes_per_weight(bits, double_quant)
@@ -169,11 +172,16 @@ class Plan:
     placed: dict = field(default_factory=dict)   # block name -> device
     allow_offload: bool = False
 
+    def offloaded(self) -> bool:
+        """Some blocks on the CPU next to GPUs (allow_offload): those stay unquantized."""
+        return self.mode != "cpu" and "cpu" in self.placed.values()
+
     def bytes_per_device(self) -> dict:
         out = {}
         for b in self.blocks:
             d = self.placed[b.name]
-            out[d] = out.get(d, 0.0) + b.bytes
+            out[d] = out.get(d, 0.0) + (b.offload_bytes if d == "cpu" and self.offloaded()
+                                        else b.bytes)
         return out
 
     def layers_per_device(self) -> dict:
@@ -200,6 +208,9 @@ class Plan:
             rows.append(f"{name:<7} {span:<10} {other[:40]:<40} {gib(used[d]):>6} {budget:>7}")
         rows.append(f"{'total':<7} {sum(1 for b in self.blocks if b.layer is not None):<10} "
                     f"{'':<40} {gib(sum(used.values())):>6}")
+        if self.offloaded() and any(b.quantized_params for b in self.blocks):
+            rows.append("(CPU blocks stay 16-bit: bitsandbytes does not quantize offloaded "
+                        "modules)")
         return "\n".join(rows)
 
     __str__ = table
@@ -331,14 +342,15 @@ def _fill_in_order(blocks, budgets, balanced, allow_offload, bits=4):
     placed, g = {}, 0
     for b in blocks:  # GPUs in order; a block that fits no remaining GPU goes to the CPU
         fit = next((i for i in range(g, len(gpus)) if used[gpus[i]] + b.bytes <= budgets[gpus[i]]), None)
+        size = b.bytes
         if fit is not None:
             g, dev = fit, gpus[fit]
-        elif allow_offload and used["cpu"] + b.bytes <= budgets["cpu"]:
-            dev = "cpu"
+        elif allow_offload and used["cpu"] + b.offload_bytes <= budgets["cpu"]:
+            dev, size = "cpu", b.offload_bytes      # offloaded blocks are not quantized
         else:
             break
         placed[b.name] = dev
-        used[dev] += b.bytes
+        used[dev] += size
     if len(placed) == len(blocks):
         return placed
     # Refuse: report, per GPU, how far over budget the balanced split would be.
@@ -354,7 +366,9 @@ def _fill_in_order(blocks, budgets, balanced, allow_offload, bits=4):
     msg = (f"the weights need {gib(total)} GiB but the GPU budgets give {gib(gpu_total)} GiB; "
            + "; ".join(lines))
     if allow_offload:
-        msg += f"; the CPU budget ({gib(budgets['cpu'])} GiB) cannot take the rest either"
+        cpu_need = used["cpu"] + sum(b.offload_bytes for b in blocks if b.name not in placed)
+        msg += (f"; the CPU budget ({gib(budgets['cpu'])} GiB) cannot take the rest either: "
+                f"it would need about {gib(cpu_need)} GiB, since offloaded blocks stay 16-bit")
     else:
         fewer = ", use fewer bits (4-bit)" if bits > 4 else ""
         msg += (f". Raise the budgets{fewer}, or pass allow_offload=True to let layers run on "

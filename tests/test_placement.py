@@ -82,6 +82,26 @@ def test_offload_only_when_allowed():
         assert used <= plan.budgets[dev]
 
 
+def test_offloaded_4bit_blocks_are_counted_unquantized():
+    """bitsandbytes leaves modules mapped to the CPU unquantized (llm_int8_enable_fp32_cpu_offload
+    skips them), so they take 2 bytes per weight there, not 0.52."""
+    plan = plan_placement(reference_config(), "single", {0: "1.5GiB"}, cpu_budget="24GiB", bits=4,
+                          allow_offload=True)
+    on_cpu = [b for b in plan.blocks if plan.placed[b.name] == "cpu"]
+    assert on_cpu and any(b.quantized_params for b in on_cpu)
+    assert plan.bytes_per_device()["cpu"] == pytest.approx(sum(2 * b.params for b in on_cpu))
+    assert "CPU blocks stay 16-bit" in plan.table()
+    cpu_4bit = sum(b.bytes for b in on_cpu)
+    assert cpu_4bit < 2 * GiB < plan.bytes_per_device()["cpu"]
+    # what fits at 4 bits but not at 16: refused, saying how much the CPU would need
+    need = plan.bytes_per_device()["cpu"] / GiB
+    with pytest.raises(PlacementError, match=f"would need about {need:.2f} GiB, since offloaded"):
+        plan_placement(reference_config(), "single", {0: "1.5GiB"}, cpu_budget="2GiB", bits=4,
+                       allow_offload=True)
+    gpu_only = plan_placement(reference_config(), "single", {0: "3GiB"}, bits=4)
+    assert "stay 16-bit" not in gpu_only.table()
+
+
 def test_single_and_data_parallel_modes(monkeypatch):
     single = plan_placement(reference_config(), "single", {0: "8GiB", 1: "8GiB"}, bits=4)
     assert single.device_map == {"": 0}
