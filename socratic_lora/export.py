@@ -23,12 +23,16 @@ def merge_base(adapter, model="default") -> str:
     return model
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
 def merge_adapter(adapter, out, model="default", dtype=torch.bfloat16, overwrite=False):
     """Write base + adapter, merged, to `out` (a folder loadable with from_pretrained)."""
     from peft import PeftModel
 
     from .generate import check_adapter
-    from .models import default_model_path, get_hf_token, load_config, load_model
+    from .models import default_model_path, get_hf_token, is_local, load_config, load_model
     from .train import save_atomically
 
     adapter, out = Path(adapter), Path(out)
@@ -43,7 +47,15 @@ def merge_adapter(adapter, out, model="default", dtype=torch.bfloat16, overwrite
                               "working directory, home or a git repository); give a new folder")
     model = merge_base(adapter, model)
     model_id = str(default_model_path()) if model == "default" else model
-    token = None if Path(model_id).is_dir() else get_hf_token()
+    if overwrite and out.exists():
+        # --overwrite replaces `out` whole: never when the adapter or the base is inside it
+        for what, src in (("the adapter", adapter), ("the base model", model_id)):
+            if is_local(src) and _inside(Path(src).expanduser().resolve(), out.resolve()):
+                raise FileExistsError(
+                    f"--out {out}: refusing to replace this folder, it holds {what} being merged "
+                    f"({src}); give a new folder such as {out / 'merged'} / 上書きすると元の"
+                    f"{'アダプター' if src is adapter else 'ベースモデル'}が消えます")
+    token = None if is_local(model_id) else get_hf_token()
     check_adapter(adapter, load_config(model_id, token=token), model_id)
     base, tok = load_model(model_id, mode="cpu", dtype=dtype)   # 16-bit, on the CPU
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()

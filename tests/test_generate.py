@@ -83,6 +83,28 @@ def test_base_adapter_and_merged_agree(tmp_path, tiny_chat_dir, trained_adapter)
         merge_adapter(trained_adapter, merged_dir)
 
 
+def test_merge_overwrite_never_replaces_the_folder_holding_the_adapter_or_base(
+        tmp_path, tiny_chat_dir, trained_adapter):
+    import shutil
+
+    from socratic_lora.export import merge_adapter
+    run = tmp_path / "run"
+    shutil.copytree(trained_adapter, run / "adapter")
+    (run / "checkpoint-2").mkdir()
+    for out in (run, run / "adapter"):
+        with pytest.raises(FileExistsError, match="it holds the adapter being merged"):
+            merge_adapter(run / "adapter", out, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoint-2"]
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
+    base = tmp_path / "models" / "base"
+    shutil.copytree(tiny_chat_dir, base)
+    with pytest.raises(FileExistsError, match="it holds the base model being merged"):
+        merge_adapter(run / "adapter", base.parent, model=str(base), overwrite=True)
+    assert (base / "model.safetensors").exists()
+    merged = merge_adapter(run / "adapter", run / "merged", model=str(base), overwrite=True)
+    assert (merged / "model.safetensors").exists() and (run / "adapter").exists()
+
+
 def test_chat_command_one_shot(capsys, trained_adapter):
     from socratic_lora.cli import main
     assert main(["chat", "--adapter", str(trained_adapter), "--prompt", "なぜ空は青いの？"]) == 0
