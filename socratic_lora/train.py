@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import shutil
 import time
@@ -91,23 +92,51 @@ def _config_path(name_or_path) -> Path:
     return Path(str(shipped))
 
 
+# What a key that may be None holds otherwise (an example value of its type).
+_NULLABLE_EXAMPLES = {"eval_data": "eval", "pack_length": 2048, "min_japanese": 0.6,
+                      "min_char_count": 20, "eval_steps": 50, "neftune_alpha": 5.0}
+
+
+def _as_float(value):
+    """YAML 1.1 reads 2e-4 (no dot) as a string: accept a string float() reads, like 2e-4."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    return value
+
+
 def _check_type(key, value, default, where):
-    if value is None or default is None:
+    if value is None:
         return value
+    if default is None:
+        default = _NULLABLE_EXAMPLES.get(key)
+        if default is None:          # gpu_budgets: checked by check_values
+            return value
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
+        value = _as_float(value)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif key == "lora_targets":
-        ok = isinstance(value, (str, list))
+        ok = isinstance(value, str) or (isinstance(value, list) and value
+                                        and all(isinstance(x, str) and x for x in value))
+        default = "['q_proj', 'v_proj']"
+    elif key == "banned":
+        ok = isinstance(value, list) and all(isinstance(x, str) and x for x in value)
+        default = ["禁止語"]
     else:
         ok = isinstance(value, type(default))
     if not ok:
+        expected = "a list of non-empty strings" if key in ("lora_targets", "banned") \
+            else type(default).__name__
         raise ValueError(f"{where}: key '{key}': {value!r} is a {type(value).__name__}, "
-                         f"expected {type(default).__name__} like {default!r}")
+                         f"expected {expected} like {default!r}")
     return value
 
 
@@ -129,17 +158,21 @@ def load_settings(name_or_path, **overrides) -> TrainSettings:
     raw.update(overrides)         # an override of None sets None (eval_data=None: no evaluation)
     defaults = TrainSettings()
     for key, value in raw.items():
+        # an override (--set key=value, or a keyword argument) is named as such, not as a
+        # line of the YAML file
+        where = f"override {key}={value!r}" if key in overrides else str(path)
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ValueError(f"{path}: unknown key '{key}'{hint}; see TrainSettings for the keys")
+            raise ValueError(f"{where}: unknown key '{key}'{hint}; see TrainSettings for the keys")
         if value is None and key not in nullable:
             raise ValueError(f"{path}: key '{key}' has no value (an empty 'key:' line or null); "
                              f"give one like {getattr(defaults, key)!r}, or remove the line "
                              "to use that default")
-        raw[key] = _check_type(key, value, getattr(defaults, key), str(path))
+        raw[key] = _check_type(key, value, getattr(defaults, key), where)
     s = TrainSettings(**raw)
-    check_values(s, str(path))
+    check_values(s, str(path) if not overrides else f"{path} with overrides "
+                 f"{', '.join(f'{k}={v!r}' for k, v in overrides.items())}")
     return s
 
 
@@ -163,10 +196,29 @@ def check_values(s: TrainSettings, where: str) -> None:
         bad("compute_dtype", f"{s.compute_dtype!r}: use auto, bfloat16, float16 or float32")
     if s.length_policy not in ("truncate", "drop"):
         bad("length_policy", f"{s.length_policy!r}: use truncate or drop")
+    if s.mode not in ("reference", "speed", "memory"):
+        bad("mode", f"{s.mode!r}: use reference, speed or memory")
+    for key, choices in _trainer_choices().items():
+        value = getattr(s, key)
+        names = [x.strip() for x in value.split(",")] if key == "report_to" else [value]
+        wrong = [x for x in names if x not in choices]
+        if wrong:
+            close = difflib.get_close_matches(wrong[0], choices, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            bad(key, f"{wrong[0]!r} is not one of transformers' choices{hint}: "
+                f"{', '.join(choices)}")
     for key in ("lora_alpha", "batch_size", "grad_accum", "max_length", "logging_steps",
-                "save_steps"):
+                "save_steps", "save_total_limit"):
         if getattr(s, key) <= 0:
             bad(key, f"{getattr(s, key)} must be a positive whole number")
+    if s.eval_steps is not None and s.eval_steps <= 0:
+        bad("eval_steps", f"{s.eval_steps} must be a positive number of steps, or null (at the end)")
+    if s.min_japanese is not None and not 0 <= s.min_japanese <= 1:
+        bad("min_japanese", f"{s.min_japanese} is a share of the characters: give 0..1, e.g. 0.6")
+    if s.min_char_count is not None and s.min_char_count < 1:
+        bad("min_char_count", f"{s.min_char_count}: give a count of at least 1, e.g. 20")
+    if s.neftune_alpha is not None and not s.neftune_alpha > 0:
+        bad("neftune_alpha", f"{s.neftune_alpha} must be positive (e.g. 5), or null (off)")
     if s.pack_length is not None:
         if isinstance(s.pack_length, bool) or not isinstance(s.pack_length, int) \
                 or s.pack_length < s.max_length:
@@ -205,6 +257,16 @@ def check_values(s: TrainSettings, where: str) -> None:
             if isinstance(gpu, bool) or not isinstance(gpu, int) or gpu < 0:
                 bad("gpu_budgets", f"{gpu!r} is not a GPU index (0, 1, ...)")
             parse_memory(size, f"{where}: key 'gpu_budgets[{gpu}]'")
+
+
+def _trainer_choices() -> dict:
+    """The names transformers accepts for the scheduler, the optimizer and the loggers."""
+    from transformers import SchedulerType
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    from transformers.training_args import OptimizerNames
+    return {"lr_scheduler": [x.value for x in SchedulerType],
+            "optimizer": [x.value for x in OptimizerNames],
+            "report_to": ["none", "all", *INTEGRATION_TO_CALLBACK]}
 
 
 def _placement(s: TrainSettings) -> str:
@@ -624,13 +686,13 @@ def train(s: TrainSettings, resume: bool = False, callbacks=None, overwrite: boo
     else:
         # The fast path trains right-padded batches without a mask (prepare.Collator).
         collator = Collator(tok.pad_token_id, causal_only=s.mode != "reference")
-    out.mkdir(parents=True, exist_ok=True)
     args = training_arguments(s, model, eval_ex is not None)
     trainer = reliable_trainer_class()(
         model=model, args=args, train_dataset=datasets.Dataset.from_list(train_ex),
         eval_dataset=datasets.Dataset.from_list(eval_ex) if eval_ex else None,
         data_collator=collator, processing_class=tok, callbacks=callbacks)
     trainer.settings = s
+    out.mkdir(parents=True, exist_ok=True)     # only now: a run refused above leaves nothing
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
