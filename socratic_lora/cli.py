@@ -67,10 +67,13 @@ def _chat(args) -> None:
 
     from .generate import load_chat_model, reply
 
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt is empty: give the learner's message, or leave --prompt out "
+                         "to talk interactively")
     torch.manual_seed(args.seed)
     model, tok = load_chat_model(args.model, adapter=args.adapter)
     history = [{"role": "system", "content": args.system}] if args.system else []
-    prompts = [args.prompt] if args.prompt else None
+    prompts = [args.prompt] if args.prompt is not None else None
     while True:
         if prompts is not None:
             if not prompts:
@@ -120,12 +123,26 @@ def _write_eval_atomically(write_eval, res, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+DEFAULT_SYSTEMS = "base,prompted,fewshot,tuned"
+
+
 def _eval(args) -> None:
     from .evaluate import eval_markdown, run_eval, write_eval
 
+    from .evaluate import SYSTEMS
+
     systems = [x.strip() for x in args.systems.split(",") if x.strip()]
+    unknown = [x for x in systems if x not in SYSTEMS]
+    if unknown or len(set(systems)) != len(systems) or not systems:
+        problem = (f"unknown {unknown}" if unknown else "a system named twice"
+                   if systems else "no system")
+        raise ValueError(f"--systems {args.systems!r}: {problem}; give some of "
+                         f"{','.join(SYSTEMS)}, each once")
     if args.adapter is None and "tuned" in systems:
-        systems.remove("tuned")
+        if args.systems != DEFAULT_SYSTEMS:
+            raise ValueError("--systems names 'tuned', which needs --adapter (the tuned model's "
+                             "adapter folder); add it, or leave 'tuned' out")
+        systems.remove("tuned")        # the default list: no adapter, no tuned row
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; give a folder name")
@@ -153,6 +170,9 @@ def _demo(args) -> None:
 
     torch.manual_seed(0)
     t = time.perf_counter()
+    if args.steps <= 0 or not args.lr > 0:
+        raise ValueError(f"--steps {args.steps} / --lr {args.lr}: both must be positive "
+                         "(e.g. --steps 40 --lr 2e-4)")
     model, tok = load_default_model()
     print(f"loaded the offline default (Gemma 3 270M base) in {time.perf_counter() - t:.1f} s")
     print(model.placement_plan.table(), "\n")
@@ -237,7 +257,8 @@ def main(argv=None) -> int:
     e.add_argument("--model", default="default")
     e.add_argument("--adapter", help="the tuned system's adapter (without it: no 'tuned' row)")
     e.add_argument("--split", default="eval", choices=["eval", "adversarial"])
-    e.add_argument("--systems", default="base,prompted,fewshot,tuned")
+    e.add_argument("--systems", default=DEFAULT_SYSTEMS,
+                   help="comma-separated, each once (default: all; 'tuned' only with --adapter)")
     e.add_argument("--limit", type=int, help="only the first N dialogues of the split")
     e.add_argument("--preset", default="greedy", choices=["greedy", "competition", "report"])
     e.add_argument("--max-new-tokens", type=int, default=64)
@@ -254,8 +275,9 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except KeyboardInterrupt:
-        print(f"socratic-lora {args.command}: interrupted (checkpoints on disk are complete; "
-              "continue with --resume)", file=sys.stderr)
+        after = (" (checkpoints on disk are complete; continue with --resume)"
+                 if args.command == "train" else "")
+        print(f"socratic-lora {args.command}: interrupted{after}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001  one line, no traceback, never the token
         if os.environ.get("SOCRATIC_LORA_DEBUG"):
