@@ -6,8 +6,10 @@
     print(plan)                       # a table: layer ranges and GiB per device (lesson 03)
 
 The plan is computed on an empty (meta) model, so it runs on a CPU for GPUs that do not
-exist. Budgets are for weights only (like `max_memory` in transformers): keep room for
-activations yourself. Nothing is offloaded to the CPU unless `allow_offload=True`; if the
+exist. Budgets are for weights only, as loaded (like `max_memory` in transformers): keep
+room for activations yourself, and, with `mode: reference`, for peft's
+`prepare_model_for_kbit_training`, which then casts every weight that is not 4-bit (the
+embedding too: +1.1 GiB on the first GPU for gemma-2-2b) to float32. Nothing is offloaded to the CPU unless `allow_offload=True`; if the
 budgets are too small the planner refuses and says how much is missing on which device.
 """
 from __future__ import annotations
