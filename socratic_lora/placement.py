@@ -35,6 +35,9 @@ def parse_memory(value, where: str = "memory budget") -> int:
     if isinstance(value, int):
         if value <= 0:
             raise ValueError(f"{where}: {value} bytes must be positive")
+        if value < 2**20:    # '4' meant as GiB would be 4 bytes: no model fits, and why is unclear
+            raise ValueError(f"{where}: {value} is read as bytes, too small for any weights; "
+                             f"did you mean '{value}GiB'? (メモリ量は '4GiB' のように書いてください)")
         return value
     m = re.fullmatch(r"(\d+(?:\.\d+)?)(B|KiB|MiB|GiB|TiB)", value.strip())
     if not m and value.strip().startswith("-"):

@@ -9,14 +9,15 @@ GiB = 2**30
 
 
 @pytest.mark.parametrize("text,expected", [("4GiB", 4 * GiB), ("512MiB", 512 * 2**20),
-                                           ("1.5GiB", int(1.5 * GiB)), (1234, 1234)])
+                                           ("1.5GiB", int(1.5 * GiB)), (2**30, GiB)])
 def test_parse_memory(text, expected):
     assert parse_memory(text) == expected
 
 
 @pytest.mark.parametrize("bad,hint", [("4GB", "did you mean '4GiB'"), ("4 gib", "did you mean '4GiB'"),
                                       ("-1GiB", "must be positive"), ("lots", "not a size"),
-                                      (0, "positive"), (True, "not a size"), ("0GiB", "positive")])
+                                      (0, "positive"), (True, "not a size"), ("0GiB", "positive"),
+                                      (4, "read as bytes.*did you mean '4GiB'")])
 def test_parse_memory_rejects(bad, hint):
     with pytest.raises(ValueError, match=hint):
         parse_memory(bad, "gpu_budgets[0]")
