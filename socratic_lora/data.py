@@ -18,6 +18,9 @@ from pathlib import Path
 SPLITS = ("train", "eval", "adversarial")
 ROLES = ("system", "user", "assistant")
 MAX_LINE_BYTES = 1_000_000   # a longer line is almost surely not one dialogue
+# Gemma's turn markers: in a message's text the tokenizer makes them special tokens, and a
+# dialogue would end or start a turn in the middle of a message (and train on it).
+MARKERS = ("<start_of_turn>", "<end_of_turn>")
 
 
 class DataError(ValueError):
@@ -57,6 +60,11 @@ def check_dialogue(d, where: str, adversarial: bool = False) -> None:
             fail(f"{f}.role", f"{m.get('role')!r} is not a role", "use system, user or assistant")
         if not isinstance(m.get("content"), str) or not m["content"].strip():
             fail(f"{f}.content", "missing, empty or only whitespace", "write the message text")
+        marker = next((x for x in MARKERS if x in m["content"]), None)
+        if marker:
+            fail(f"{f}.content", f"contains the turn marker {marker}, which would become a "
+                 "special token and split the turn", "remove it (one message per turn; "
+                 "ターン区切りの記号は本文に書けません)")
         if m["role"] == "system" and i != 0:
             fail(f"{f}.role", "a system message can only come first", "move it to the start")
     start = 1 if msgs[0]["role"] == "system" else 0
@@ -76,8 +84,22 @@ def check_dialogue(d, where: str, adversarial: bool = False) -> None:
             fail("answer_aliases", "must be a list of strings", 'write e.g. ["十二", "12個"]')
 
 
-def load_dialogues(path, adversarial: bool = False) -> list[dict]:
-    """Read and validate a JSON Lines dialogue file; stop at the first bad line."""
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs):
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
+def read_json_lines(path) -> list[tuple[int, dict]]:
+    """(1-based line number, object) for every line of a JSON Lines file; stop at the first
+    line that is not one JSON object (empty, not UTF-8, invalid JSON, a key given twice)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file; check the path")
@@ -85,7 +107,7 @@ def load_dialogues(path, adversarial: bool = False) -> list[dict]:
     if raw.startswith(b"\xef\xbb\xbf"):
         raise DataError(f"{path}:1: the file starts with a byte order mark (BOM); save it as "
                         "UTF-8 without BOM")
-    dialogues, seen = [], {}
+    rows = []
     lines = raw.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()   # the newline that ends the last line
@@ -101,21 +123,38 @@ def load_dialogues(path, adversarial: bool = False) -> list[dict]:
         if not text.strip():
             raise DataError(f"{where}: empty line; remove it")
         try:
-            d = json.loads(text)
+            d = json.loads(text, object_pairs_hook=_no_duplicate_keys)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON at column {e.colno}: {e.msg}; one JSON "
                             "object per line") from None
+        except _DuplicateKey as e:
+            raise DataError(f"{where}: key {e.args[0]!r} appears twice in one object (JSON would "
+                            "silently keep the last value); keep one") from None
         if isinstance(d, list):
             raise DataError(f"{where}: a JSON array, not a dialogue object; write JSON Lines "
                             "(one object per line)")
+        if not isinstance(d, dict):
+            raise DataError(f"{where}: field '(line)': expected a JSON object, got "
+                            f"{type(d).__name__}; write one dialogue object per line (JSON "
+                            'Lines): {"id": ..., "messages": [...]}')
+        rows.append((n, d))
+    if not rows:
+        raise DataError(f"{path}: no dialogues in the file; write one dialogue object per line")
+    return rows
+
+
+def load_dialogues(path, adversarial: bool = False) -> list[dict]:
+    """Read and validate a JSON Lines dialogue file; stop at the first bad line."""
+    path = Path(path)
+    dialogues, seen = [], {}
+    for n, d in read_json_lines(path):
+        where = f"{path}:{n}"
         check_dialogue(d, where, adversarial)
         if d["id"] in seen:
             raise DataError(f"{where}: field 'id': {d['id']!r} already used on line "
                             f"{seen[d['id']]}; ids must be unique")
         seen[d["id"]] = n
         dialogues.append(d)
-    if not dialogues:
-        raise DataError(f"{path}: no dialogues in the file; write one dialogue object per line")
     return dialogues
 
 

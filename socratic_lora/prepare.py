@@ -4,15 +4,17 @@
     dialogues = read_source("train")                        # shipped split, a .jsonl, or a dataset
     examples, report = tokenize_examples(tok, dialogues, max_length=1024)   # lesson 05
 
-Sources: the shipped splits by name; our JSON Lines; any `datasets`-loadable file or folder
-with a `messages` column (chat data) or instruction/input/response (or output) columns, the
-format of dolly-15k-ja that the source training report used. Every filter returns what it
-kept and a count of what it removed and why.
+Sources: the shipped splits by name; a .jsonl (our dialogues, chat rows with `messages`, or
+instruction/input/response (or output) rows, the format of dolly-15k-ja that the source
+training report used), .csv or .tsv (instruction rows), .json or .parquet; or a dataset
+folder (one split of it: see read_source). Every filter returns what it kept and a count of
+what it removed and why.
 """
 from __future__ import annotations
 
 import bisect
-import json
+import csv
+import io
 import re
 import unicodedata
 from collections import Counter
@@ -20,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .chat import IGNORE, DialogueError, tokenize_dialogue
-from .data import SPLITS, check_dialogue, load_dialogues, load_split
+from .data import (MARKERS, SPLITS, DataError, check_dialogue, load_split,
+                   read_json_lines)
 
 
 @dataclass
@@ -49,52 +52,201 @@ class Removed:
 
 
 def instruction_to_messages(row: dict, where: str, prompt_format: str = "gemma") -> list[dict]:
-    """instruction/input/response rows (dolly-15k-ja style) as a user/assistant exchange."""
-    response = row.get("response", row.get("output"))
-    if not isinstance(row.get("instruction"), str) or not isinstance(response, str):
+    """instruction/input/response rows (dolly-15k-ja style) as a user/assistant exchange.
+    An empty instruction or response, a value that is not text, or a Gemma turn marker in
+    the text is refused, naming `where` and the field."""
+    def fail(field, problem, fix):
+        raise DialogueError(f"{where}: field '{field}': {problem}; {fix}")
+
+    key = "response" if row.get("response") is not None else "output"
+    if row.get("instruction") is None or row.get(key) is None:
         raise DialogueError(f"{where}: needs 'instruction' and 'response' (or 'output') strings")
-    prompt = row["instruction"].strip()
-    if (row.get("input") or "").strip():
+    texts = {"instruction": row["instruction"], key: row[key],
+             "input": "" if row.get("input") is None else row["input"]}
+    for name, text in texts.items():
+        if not isinstance(text, str):
+            fail(name, f"{text!r} is a {type(text).__name__}, not text", "write it as a string")
+        if name != "input" and not text.strip():
+            fail(name, "empty or only whitespace",
+                 "write the text (an empty response would train the model to say nothing)")
+        marker = next((m for m in MARKERS if m in text), None)
+        if marker:
+            fail(name, f"contains the turn marker {marker}, which would become a special token",
+                 "remove it (ターン区切りの記号は本文に書けません)")
+    prompt = texts["instruction"].strip()
+    if texts["input"].strip():
         header = "\n\n### 入力:\n" if prompt_format == "instruction" else "\n\n"
-        prompt += header + row["input"].strip()
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        prompt += header + texts["input"].strip()
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": texts[key]}]
 
 
-def _is_our_jsonl(path: Path) -> bool:
-    with path.open("rb") as f:
-        first = f.readline()
+SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")   # the files read_source reads
+
+
+def _csv_rows(path: Path) -> list[tuple]:
+    """(file, where, place, row) for every row of a CSV or TSV file, every field as text."""
+    raw = path.read_bytes()
     try:
-        return "topic" in json.loads(first.decode("utf-8-sig"))
-    except (ValueError, TypeError):
-        return True   # let load_dialogues report the bad line
+        text = raw.decode("utf-8-sig")            # a BOM (as Excel writes) is not data
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte {e.start}); save the file as UTF-8") from None
+    tab = path.suffix.lower() == ".tsv"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tab else ",")
+    header = next(reader, None)
+    if not header:
+        raise DataError(f"{path}:1: no header line; start with the column names, e.g. "
+                        "instruction,input,output")
+    twice = next((c for c in header if header.count(c) > 1), None)
+    if twice is not None:
+        raise DataError(f"{path}:1: column {twice!r} appears twice in the header; keep one")
+    if "instruction" not in header:
+        raise DataError(f"{path}:1: no 'instruction' column (columns: {', '.join(header)}); a "
+                        f"{'TSV' if tab else 'CSV'} file holds instruction rows: instruction, "
+                        "input (may be empty) and response (or output)")
+    rows, start = [], reader.line_num + 1
+    for values in reader:
+        where = f"{path}:{start}"
+        if not values:
+            raise DataError(f"{where}: empty line; remove it")
+        if len(values) != len(header):
+            raise DataError(f"{where}: {len(values)} fields where the header has {len(header)}; "
+                            "put a field that holds the delimiter in double quotes")
+        rows.append((str(path), where, f"line {start}", dict(zip(header, values))))
+        start = reader.line_num + 1
+    return rows
 
 
-def read_source(source, split: str = "train", prompt_format: str = "gemma") -> list[dict]:
-    """Dialogues as dicts with 'id' and 'messages' from a shipped split name, a .jsonl file of
-    our format, or anything `datasets.load_dataset` reads (a local file or folder)."""
+def _file_rows(path: Path) -> list[tuple]:
+    """(file, where, place, row) for every row of one data file; place: 'line N' or 'row N'."""
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; use "
+                        f"one of {', '.join(SUFFIXES)}, or a dataset folder")
+    if suffix == ".jsonl":        # our reader: file:line, no blank lines or duplicate keys
+        return [(str(path), f"{path}:{n}", f"line {n}", d) for n, d in read_json_lines(path)]
+    if suffix in (".csv", ".tsv"):
+        return _csv_rows(path)
+    import datasets
+
+    ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
+    return [(str(path), f"{path} row {i}", f"row {i}", row) for i, row in enumerate(ds, 1)]
+
+
+def _pick_split(path: Path, names: list, split, files: dict | None = None) -> str:
+    """The split of a dataset folder that `split` asks for (see read_source)."""
+    names = sorted(names)
+    if files:
+        shown = "; ".join(f"{n}: {', '.join(f.name for f in files[n])}" for n in names)
+        fix = ("name the file instead of the folder (train_data: the training file, eval_data: "
+               "the held-out file)")
+    else:
+        shown = ", ".join(names)
+        fix = ("write the split you mean to a file of its own (e.g. ds['test'].to_json("
+               "'test.jsonl')) and name that file")
+    def refuse(problem):
+        raise DataError(f"{path}: {problem} (splits: {shown}); {fix} "
+                        "(ファイル名で指定してください)")
+    # One split: the folder is what the user named, for either role; but not training rows
+    # (a train* file, or a saved DatasetDict's train split) to evaluate on.
+    named_train = names == ["train"] and (files is None or any(
+        f.name.lower().startswith("train") for f in files["train"]))
+    if len(names) == 1 and not (split == "eval" and named_train):
+        return names[0]
+    if split is None:
+        refuse("a dataset folder with several splits, which one to read is ambiguous")
+    if split == "eval":
+        held_out = [n for n in names if n in ("test", "validation")]
+        if len(held_out) != 1:
+            refuse("both a test and a validation split" if held_out
+                   else "no test or validation split to evaluate on (the training rows would "
+                   "say nothing about new dialogues)")
+        return held_out[0]
+    if split not in names:
+        refuse(f"no {split!r} split")
+    return split
+
+
+def _folder_rows(path: Path, split) -> list[tuple]:
+    """(file, where, place, row) for the rows of one split of a dataset folder."""
+    import datasets
+
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        ds = datasets.load_from_disk(str(path))       # written by save_to_disk
+        label = str(path)
+        if isinstance(ds, datasets.DatasetDict):
+            name = _pick_split(path, list(ds), split)
+            ds, label = ds[name], f"{path} split {name}"
+        return [(label, f"{label} row {i}", f"row {i}", row) for i, row in enumerate(ds, 1)]
+    from datasets.data_files import DataFilesDict, get_data_patterns
+    try:
+        patterns = get_data_patterns(str(path))
+    except datasets.exceptions.EmptyDatasetError:
+        raise DataError(f"{path}: no data files in the folder; use one of "
+                        f"{', '.join(SUFFIXES)}") from None
+    files = {str(k): [Path(f) for f in v]
+             for k, v in DataFilesDict.from_patterns(patterns, base_path=str(path)).items()}
+    name = _pick_split(path, list(files), split, files)
+    return [r for f in files[name] for r in _file_rows(f)]
+
+
+def _row_kind(file: str, where: str, row: dict) -> str:
+    """The format of a file, from its first row: our dialogues, chat rows or instruction rows."""
+    if Path(file).suffix.lower() in (".csv", ".tsv"):
+        return "instruction"
+    if "topic" in row or "subject" in row:
+        return "ours"
+    if "messages" in row:
+        return "chat"
+    if "instruction" in row:
+        return "instruction"
+    raise DataError(f"{where}: no 'messages' and no 'instruction' key (keys: "
+                    f"{', '.join(map(str, row)) or 'none'}); write our dialogues "
+                    '({"id", "topic", "subject", "messages"}), chat rows ({"messages": [...]}) '
+                    'or instruction rows ({"instruction", "input", "output"})')
+
+
+def read_source(source, split: str | None = None, prompt_format: str = "gemma") -> list[dict]:
+    """Dialogues as dicts with 'id' and 'messages' from a shipped split name, a file
+    (.jsonl, .json, .csv, .tsv, .parquet) or a dataset folder.
+
+    A .jsonl is read line by line (errors name file:line); its first line says the format:
+    our dialogues ("topic", "subject"), chat rows ({"messages": [...]}) or instruction rows
+    (instruction, input, response or output). CSV and TSV hold instruction rows, every field
+    read as text. Ids must be unique; a row without one is named by its file and line.
+    `split` picks the split of a folder: "train", "eval" (its test or validation split) or
+    a split's name; None reads a folder's only split and refuses one with several."""
     if source in SPLITS:
         return load_split(source)
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"data {source!r}: not a shipped split ({', '.join(SPLITS)}) "
                                 "and no such file or folder")
-    if path.suffix == ".jsonl" and _is_our_jsonl(path):
-        return load_dialogues(path)
-    import datasets
-
-    kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
-    ds = (datasets.load_dataset(kind, data_files=str(path), split="train") if kind
-          else datasets.load_from_disk(str(path)) if (path / "dataset_info.json").exists()
-          else datasets.load_dataset(str(path), split=split))
-    out = []
-    for i, row in enumerate(ds):
-        where = f"{source} row {i}"
-        if "messages" in row:
-            d = {"id": str(row.get("id", i)), "topic": "-", "subject": "-", "messages": row["messages"]}
-            check_dialogue(d, where)
+    rows = _folder_rows(path, split) if path.is_dir() else _file_rows(path)
+    if not rows:
+        raise DataError(f"{source}: no examples in it; check the file")
+    kinds, out, seen = {}, [], {}
+    for file, where, place, row in rows:
+        if file not in kinds:                      # the first row of each file says its format
+            kinds[file] = _row_kind(file, where, row)
+        kind = kinds[file]
+        if kind == "ours":
+            check_dialogue(row, where)
+            d = row
         else:
-            d = {"id": str(row.get("id", i)),
-                 "messages": instruction_to_messages(row, where, prompt_format)}
+            ident = row.get("id")
+            d = {"id": f"{Path(file).name} {place}" if ident in (None, "") else str(ident)}
+            if kind == "chat":
+                d.update(topic="-", subject="-", messages=row.get("messages"))
+                check_dialogue(d, where)
+            else:
+                d["messages"] = instruction_to_messages(row, where, prompt_format)
+        if d["id"] in seen:
+            first_file, first_place = seen[d["id"]]
+            first = first_place if first_file == file else f"{first_file} {first_place}"
+            raise DataError(f"{where}: field 'id': {d['id']!r} already used on {first}; ids "
+                            "must be unique")
+        seen[d["id"]] = (file, place)
         out.append(d)
     return out
 
@@ -127,11 +279,21 @@ def filter_japanese(dialogues, min_share: float = 0.6):
     return kept, rep
 
 
-def filter_rare_chars(dialogues, min_count: int = 20):
+def char_counts(dialogues) -> Counter:
+    """How often each character (whitespace not counted) occurs in `dialogues`."""
+    return Counter(c for d in dialogues for c in text_of(d) if not c.isspace())
+
+
+def filter_rare_chars(dialogues, min_count: int = 20, counts: Counter | None = None):
     """Drop examples containing a character seen fewer than `min_count` times in the whole set
-    (the write-up dropped characters of frequency <= 19: mojibake, rare symbols)."""
-    counts = Counter(c for d in dialogues for c in text_of(d) if not c.isspace())
-    rep, kept = Removed("rare characters"), []
+    (the write-up dropped characters of frequency <= 19: mojibake, rare symbols).
+    `counts`: the counts to judge by instead, `char_counts` of the training data: an
+    evaluation set is judged by the characters the training data has (a small one would
+    otherwise lose every example to its own small counts)."""
+    own = counts is None
+    counts = char_counts(dialogues) if own else counts
+    rep = Removed("rare characters" if own else "rare characters (counted on the training data)")
+    kept = []
     for d in dialogues:
         rare = sorted({c for c in text_of(d) if not c.isspace() and counts[c] < min_count})
         if rare:

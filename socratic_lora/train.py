@@ -45,8 +45,9 @@ class TrainSettings:
                                       # none, memory: all); false turns it off in every mode
     mode: str = "reference"           # reference | speed | memory: socratic_lora.fast (docs/performance.md)
     # Data
-    train_data: str = "train"         # shipped split name, a .jsonl, or a datasets file/folder
-    eval_data: str | None = "eval"    # same; None = no evaluation
+    train_data: str = "train"         # shipped split name, a .jsonl/.csv/.tsv/.json/.parquet,
+                                      # or a folder of them (its train split)
+    eval_data: str | None = "eval"    # same (a folder: its test or validation split); None = none
     prompt_format: str = "gemma"      # gemma (turn format) | instruction (### 指示 / ### 応答)
     max_length: int = 1024            # tokens per example
     length_policy: str = "truncate"   # truncate at a turn boundary | drop the example
@@ -295,38 +296,45 @@ def load_for_training(s: TrainSettings):
     return model, tok
 
 
-def read_data(source, prompt_format: str = "gemma") -> list[dict]:
-    """`prepare.read_source`, but a .jsonl whose first line is not a JSON object (an array,
-    a BOM, broken bytes) is reported by our validator with file:line, not by `datasets`."""
-    from .data import DataError, load_dialogues
+def read_data(source, prompt_format: str = "gemma", split: str | None = None) -> list[dict]:
+    """`prepare.read_source`, refusing a source without examples. `split`: the split of a
+    dataset folder, "train" or "eval" (its test or validation split); None refuses a folder
+    with several splits."""
+    from .data import DataError
     from .prepare import read_source
 
-    p = Path(str(source))
-    if p.suffix == ".jsonl" and p.is_file():
-        with p.open("rb") as f:
-            first = f.readline().strip()
-        if not first.startswith(b"{"):
-            return load_dialogues(p)          # raises, naming the line and the fix
-    dialogues = read_source(source, prompt_format=prompt_format)
+    dialogues = read_source(source, split=split, prompt_format=prompt_format)
     if not dialogues:
         raise DataError(f"{source}: no examples in it; check the file")
     return dialogues
 
 
-def prepare_data(s: TrainSettings, tok, source, dialogues=None):
+def prepare_data(s: TrainSettings, tok, source, dialogues=None, char_counts=None,
+                 role: str | None = None):
     """Read, filter and tokenise one data source; returns (examples, lines for the report).
-    `dialogues`: the source already read (train() validates the files before loading a model)."""
-    from .prepare import (filter_banned, filter_japanese, filter_rare_chars, read_source,
-                          tokenize_examples)
+    `dialogues`: the source already read (train() validates the files before loading a model).
+    `char_counts`: the training data's character counts for min_char_count; None: counted
+    here on s.train_data (read again when `source` is another source, e.g. the eval data), so
+    evaluation examples are judged by the training data's characters, not by their own.
+    `role`: "train" or "eval" (None: "train" when `source` is s.train_data); it picks the
+    split of a dataset folder and whether the characters are counted here."""
+    from .prepare import (char_counts as count_chars, filter_banned, filter_japanese,
+                          filter_rare_chars, tokenize_examples)
 
+    is_train = role == "train" if role else source == s.train_data
     if dialogues is None:
-        dialogues = read_source(source, prompt_format=s.prompt_format)
+        dialogues = read_data(source, s.prompt_format, split="train" if is_train else "eval")
     steps = [f"{source}: {len(dialogues)} examples read"]
     if s.min_japanese is not None:
         dialogues, r = filter_japanese(dialogues, s.min_japanese)
         steps.append(str(r))
     if s.min_char_count is not None:
-        dialogues, r = filter_rare_chars(dialogues, s.min_char_count)
+        if char_counts is None and not is_train:
+            train_dialogues = read_data(s.train_data, s.prompt_format, split="train")
+            if s.min_japanese is not None:     # counted where the training data counts them
+                train_dialogues, _ = filter_japanese(train_dialogues, s.min_japanese)
+            char_counts = count_chars(train_dialogues)
+        dialogues, r = filter_rare_chars(dialogues, s.min_char_count, char_counts)
         steps.append(str(r))
     if s.banned:
         dialogues, r = filter_banned(dialogues, s.banned)
@@ -666,14 +674,14 @@ def train(s: TrainSettings, resume: bool = False, callbacks=None, overwrite: boo
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output_dir {out} is a file; choose a folder name")
     # Bad data fails here, in seconds, not after the model has loaded; nothing is written yet.
-    read = {src: read_data(src, s.prompt_format)
-            for src in (s.train_data, s.eval_data) if src}
+    read = {role: read_data(src, s.prompt_format, split=role)
+            for role, src in (("train", s.train_data), ("eval", s.eval_data)) if src}
     last = check_output_dir(out, resume, overwrite)
     model, tok = load_for_training(s)
-    train_ex, steps = prepare_data(s, tok, s.train_data, read[s.train_data])
+    train_ex, steps = prepare_data(s, tok, s.train_data, read["train"], role="train")
     eval_ex = None
     if s.eval_data:
-        eval_ex, eval_steps = prepare_data(s, tok, s.eval_data, read[s.eval_data])
+        eval_ex, eval_steps = prepare_data(s, tok, s.eval_data, read["eval"], role="eval")
         steps += eval_steps
     n_train = len(train_ex)
     if s.packing:
