@@ -18,7 +18,10 @@ from functools import lru_cache
 from .prepare import japanese_share
 
 _SENT = re.compile(r"[^。！？!?\n]+[。！？!?]*")
-_QUESTION_END = re.compile(r"([？?]|(か|かな|かね|でしょう|だろう|の)[。]?)$")
+# A bare の asks ("どうしてそう思ったの", "…の？"); with a full stop it states ("…からなの。").
+_QUESTION_END = re.compile(r"([？?]|(か|かな|かね|かしら|でしょう|だろう)。*|の)$")
+_TRAILING_OFF = ".…~〜"          # a line that trails off ("どう思いますか…", NFKC "...")
+_ASIDE = re.compile(r"[(（【][^(（【)）】]*[)）】]$")
 _POLITE_END = re.compile(r"(です|ます|でした|ました|ましょう|でしょう|ません|ください|ませんか|ですか|"
                          r"ますか|でしょうか|ましたか|ですね|ますね|ですよ|ますよ|でしたね|ましたね)[かねよ]?$")
 _CONTENT_POS = ("名詞", "動詞", "形容詞", "形状詞")
@@ -30,8 +33,32 @@ def normalize(text: str) -> str:
     return unicodedata.normalize("NFKC", text).strip()
 
 
+def _decoration(c: str) -> bool:
+    """Emoji and other symbols, spaces, marks, closing brackets and quotes, markdown marks."""
+    cat = unicodedata.category(c)
+    return cat[0] in "SZCM" or cat in ("Pe", "Pf") or c in "*_#`\"'"
+
+
+def _strip_tail(text: str) -> str:
+    """The text without what may follow its last sentence: emoji, markdown marks (**),
+    closing brackets and quotes, and a bracketed aside such as （ヒント：虹） after it.
+    Left there, they would be read as a last sentence of their own."""
+    while True:
+        text = text.rstrip()
+        aside = _ASIDE.search(text)
+        if aside and re.search(r"[^\W_]", text[:aside.start()]):
+            text = text[:aside.start()]
+        elif text and _decoration(text[-1]):
+            text = text[:-1]
+        else:
+            return text
+
+
 def sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENT.findall(normalize(text)) if s.strip()]
+    """Sentences, split after 。！？ and at line ends, once what trails the last sentence
+    (emoji, **, 」, an aside) is cut off; a piece without a letter or digit is no sentence."""
+    return [s.strip() for s in _SENT.findall(_strip_tail(normalize(text)))
+            if re.search(r"[^\W_]", s)]
 
 
 @lru_cache(maxsize=1)
@@ -58,10 +85,12 @@ def content_words(text: str) -> set[str]:
 
 def asks_question(reply: str) -> bool:
     """Question rate rule: the turn asks the learner something when its LAST sentence is a
-    question (ends in ？/? or a question ending such as か, でしょう). A rhetorical question
-    followed by its answer ("なぜでしょう？それは…からです。") ends in a statement: no."""
+    question (ends in ？/? or a question ending such as か, かしら, でしょう, or a bare の:
+    "…なの。" states). A rhetorical question followed by its answer ("なぜでしょう？それは…
+    からです。") ends in a statement: no. Emoji, markdown, a closing 」 or an aside after the
+    question do not count as a sentence (see `sentences`); a trailing … is looked through."""
     s = sentences(reply)
-    return bool(s) and bool(_QUESTION_END.search(s[-1].rstrip("。")))
+    return bool(s) and bool(_QUESTION_END.search(s[-1].rstrip(_TRAILING_OFF)))
 
 
 def question_rate(replies) -> float:
@@ -70,6 +99,7 @@ def question_rate(replies) -> float:
 
 _KANJI_DIGITS = {c: i for i, c in enumerate("〇一二三四五六七八九")}
 _KANJI_UNITS = {"十": 10, "百": 100, "千": 1000}
+_KANJI_NUMERAL_CHARS = set(_KANJI_DIGITS) | set(_KANJI_UNITS) | {"万"}
 
 
 def kanji_number(text: str) -> int | None:
@@ -89,9 +119,41 @@ def kanji_number(text: str) -> int | None:
     return total + section + (digit or 0)
 
 
+def _fold(text: str) -> str:
+    """NFKC, without thousands separators: '1,603' -> '1603' (but '2,4' stays two numbers)."""
+    return re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", normalize(text))
+
+
+def _morpheme_spans(text: str) -> list[tuple]:
+    """(start, end, pos1, pos2, pos3) of each morpheme of `text`, by character offset."""
+    spans, pos = [], 0
+    for w in _tagger()(text):
+        start = text.find(w.surface, pos)
+        if start >= 0:
+            pos = start + len(w.surface)
+            spans.append((start, pos, w.feature.pos1, w.feature.pos2, w.feature.pos3))
+    return spans
+
+
+def _kanji_numerals(text: str) -> list[str]:
+    """Runs of kanji numerals that MeCab tags as numerals (数詞): 千六百三 in 千六百三年, 十 in
+    十分で着く, but not the words 十分 (enough), 百聞, 一緒 or 一番."""
+    runs, end = [], None
+    for start, stop, _, pos2, _ in _morpheme_spans(text):
+        word = text[start:stop]
+        if pos2 == "数詞" and all(c in _KANJI_NUMERAL_CHARS for c in word):
+            if runs and start == end:
+                runs[-1] += word
+            else:
+                runs.append(word)
+            end = stop
+    return runs
+
+
 def numbers(text: str) -> set[float]:
-    """Every number a text states: 1,603 / 1.5 / 3/2 / 千六百三 (as values)."""
-    t = normalize(text).replace(",", "")
+    """Every number a text states: 1,603 / 1.5 / 3/2 / 千六百三 (as values). Kanji count
+    only as numerals (十分 'enough' and 百聞 are words), and a lone 一-九 not at all."""
+    t = _fold(text)
     out = set()
     fraction = r"(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)"
     for a, b in re.findall(fraction, t):
@@ -99,24 +161,78 @@ def numbers(text: str) -> set[float]:
             out.add(round(float(a) / float(b), 6))
     t = re.sub(fraction, " ", t)          # 3/2 is the value 1.5, not also 3 and 2
     out |= {round(float(x), 6) for x in re.findall(r"\d+(?:\.\d+)?", t)}
-    for run in re.findall(r"[〇一二三四五六七八九十百千万]+", t):
+    for run in _kanji_numerals(t):
         n = kanji_number(run)
         if n is not None and (len(run) > 1 or n >= 10):  # a lone 一 is usually "one (thing)"
             out.add(float(n))
     return out
 
 
-def _squash(text: str) -> str:
-    return re.sub(r"[\s、。・,.!?！？「」『』()（）]", "", normalize(text)).lower()
+_SKIP = "\\s、。・,.!?！？「」『』()（）"   # spaces and punctuation a match looks through
+_ALNUM = "0-9A-Za-z\u00c0-\u024f"     # digits and Latin letters
+
+
+def _answer_pattern(answer: str):
+    """(regex, short) for finding `answer` in a `_fold`ed reply, or (None, False) when it is
+    only punctuation. The regex ignores case, steps over _SKIP except inside a number ('2、4'
+    is not 24), and where the answer begins or ends with a digit or Latin letter, it may not
+    continue a number or word there ('2000円' is not in '22000円', 'O2' not in 'CO2', '2' not
+    in '0.2'). short: 1-2 kana/kanji, to be checked against morphemes (`_whole_words`)."""
+    a = _fold(answer)
+    keep = [c for i, c in enumerate(a) if not re.match(f"[{_SKIP}]", c)
+            or (0 < i < len(a) - 1 and a[i - 1].isdigit() and a[i + 1].isdigit())]
+    if not keep:
+        return None, False
+    parts = []
+    for i, c in enumerate(keep):
+        if i and not (keep[i - 1] in "0123456789.," and c in "0123456789.,"):
+            parts.append(f"[{_SKIP}]*")
+        parts.append(re.escape(c))
+    alnum = re.compile(f"[{_ALNUM}]")
+    if alnum.match(keep[0]):
+        parts.insert(0, f"(?<![{_ALNUM}])" + (r"(?<!\d[./⁄])" if keep[0].isdigit() else ""))
+    if alnum.match(keep[-1]):
+        parts.append(f"(?![{_ALNUM}])" + (r"(?![./⁄]\d)" if keep[-1].isdigit() else ""))
+    short = len(keep) <= 2 and not any(alnum.match(c) for c in keep)
+    return re.compile("".join(parts), re.IGNORECASE), short
+
+
+# A suffix after one of these does not attach to a word: 答えはさんです, ずばりさん.
+_UNATTACHED = ("助詞", "助動詞", "副詞", "連体詞", "接続詞", "感動詞", "補助記号", "記号", "空白")
+
+
+def _whole_words(spans, start: int, end: int) -> bool:
+    """Whether text[start:end] is whole morphemes that are not the suffix of the word before
+    (さん in 田中さん), nor a numeral inside a longer number (二 in 二十) or counting
+    something (二 in 二つ, 三 in 三人: a count is a leak only when it is itself an alias)."""
+    inside = [s for s in spans if start <= s[0] and s[1] <= end]
+    if not inside or inside[0][0] != start or inside[-1][1] != end:
+        return False
+    before = [s for s in spans if s[1] == start]
+    after = [s for s in spans if s[0] == end]
+    if before and (inside[0][2] == "接尾辞" and before[-1][2] not in _UNATTACHED
+                   or inside[0][3] == "数詞" and before[-1][3] == "数詞"):
+        return False
+    return not (inside[-1][3] == "数詞" and after and (
+        after[0][3] == "数詞" or after[0][2] == "接尾辞" or after[0][4].startswith("助数詞")))
 
 
 def leaks_answer(reply: str, answer: str, aliases=()) -> bool:
-    """Answer leakage: the reply contains the answer or an alias after NFKC, case and
-    punctuation folding, or states the answer's number (1603, 千六百三, 1,603 are one)."""
-    r = _squash(reply)
+    """Answer leakage: the reply contains the answer or an alias as a whole word, after NFKC,
+    case and punctuation folding, or states the answer's number (1603, 千六百三, 1,603 are
+    one). Whole word: an answer that begins or ends with a digit or Latin letter does not
+    continue a number or word there (2000円 is not in 22000円, O2 not in CO2), and a short one
+    of 1-2 kana or kanji is whole morphemes (さん is not in たくさん, 二 not in 二つ)."""
+    r = _fold(reply)
+    spans = None
     for a in [answer, *aliases]:
-        if _squash(a) and _squash(a) in r:
-            return True
+        pattern, short = _answer_pattern(a)
+        for m in pattern.finditer(r) if pattern else ():
+            if not short:
+                return True
+            spans = _morpheme_spans(r) if spans is None else spans
+            if _whole_words(spans, m.start(), m.end()):
+                return True
     wanted = numbers(answer)
     return bool(wanted) and len(wanted) == 1 and bool(wanted & numbers(reply))
 
@@ -128,7 +244,7 @@ def guides(reply: str, learner_turn: str) -> bool:
 
 def polite_share(reply: str) -> float:
     """Register: share of sentences ending in the です・ます form."""
-    s = [x.rstrip("。！？!?") for x in sentences(reply)]
+    s = [x.rstrip("。！？!?" + _TRAILING_OFF) for x in sentences(reply)]
     return _mean(bool(_POLITE_END.search(x)) for x in s) if s else 0.0
 
 
@@ -174,9 +290,30 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
+def _paired(replies, items, caller: str) -> tuple[list, list]:
+    """replies and items as lists of one reply per item; refuses what zip would cut short."""
+    replies, items = list(replies), list(items)
+    if len(replies) != len(items):
+        raise ValueError(f"{caller}: {len(replies)} replies for {len(items)} items; give "
+                         "exactly one reply per item, in the items' order")
+    if not items:
+        raise ValueError(f"{caller}: no items and no replies: there is nothing to score "
+                         "(check the split, limit and per_subject)")
+    return replies, items
+
+
 def score_replies(replies, items) -> dict:
     """All metrics for one system. `items`: dicts with context (messages), and optionally
-    reference (the eval split's tutor turn) or answer/answer_aliases (adversarial)."""
+    reference (the eval split's tutor turn) or answer/answer_aliases (adversarial), on every
+    item or on none. One reply per item, in order."""
+    replies, items = _paired(replies, items, "score_replies")
+    for key in ("answer", "reference"):
+        lacking = [i for i, it in enumerate(items) if key not in it]
+        if lacking and len(lacking) < len(items):
+            i = lacking[0]
+            raise ValueError(f"score_replies: item {i} (id {items[i].get('id', '?')}) has no "
+                             f"{key!r} but {len(items) - len(lacking)} other items do; give it "
+                             f"to every item or to none (its metrics need all of them)")
     learner = [it["context"][-1]["content"] for it in items]
     out = {
         "n": len(replies),
@@ -292,14 +429,20 @@ def run_eval(model="default", adapter=None, split="eval", systems=SYSTEMS, limit
     items = eval_items(split, limit, seed)   # bad split / per_subject fail before loading
     if per_subject is not None:
         items = spread_items(items, per_subject)
+    if not items:
+        raise ValueError(f"split {split!r} with limit={limit} gives no prompts: use a limit "
+                         "of 1 or more, or none")
     torch.manual_seed(seed)
     m, tok = load_chat_model(model, adapter=adapter, quant=quant)
     retriever = Retriever(load_split("train")) if "fewshot" in systems else None
     results = {"split": split, "items": len(items), "preset": preset,
-               "max_new_tokens": max_new_tokens, "systems": {}, "examples": {}}
+               "max_new_tokens": max_new_tokens, "seed": seed, "systems": {}, "examples": {}}
     if per_subject is not None:
         results["per_subject"] = per_subject
     for system in systems:
+        # Each system samples from the same seed: its replies do not depend on which systems
+        # ran before it (greedy decoding draws no random numbers: unchanged).
+        torch.manual_seed(seed)
         prompts = [prompt_for(system, it["context"], retriever) for it in items]
         if system != "tuned" and adapter is not None:
             with m.disable_adapter():
@@ -311,6 +454,27 @@ def run_eval(model="default", adapter=None, split="eval", systems=SYSTEMS, limit
             {"id": it["id"], "learner": it["context"][-1]["content"], "reply": r}
             for it, r in zip(items, replies)]
     return results
+
+
+def rescore(res: dict) -> dict:
+    """`res` (run_eval's results, e.g. a saved eval.json) with every system's metrics computed
+    again from its stored replies, by this version's rules: the metrics may change between
+    versions, the replies do not. The prompts are found by id in the split (with the run's
+    seed, which picks each eval dialogue's tutor turn; 0 for results that do not record it)."""
+    seed = res.get("seed", 0)
+    items = {it["id"]: it for it in eval_items(res["split"], seed=seed)}
+    out = {**res, "systems": {}}
+    for system, examples in res["examples"].items():
+        its = []
+        for e in examples:
+            it = items.get(e["id"])
+            if it is None or it["context"][-1]["content"] != e["learner"]:
+                raise ValueError(f"rescore: {system}'s reply to {e['id']!r} does not belong to a "
+                                 f"prompt of the {res['split']!r} split with seed {seed}; these "
+                                 "results come from other data or another seed")
+            its.append(it)
+        out["systems"][system] = score_replies([e["reply"] for e in examples], its)
+    return out
 
 
 METRICS = ("question_rate", "guidance", "leakage", "polite", "japanese", "repetition",
@@ -381,12 +545,25 @@ def judge_prompt(context: list[dict], reply: str, answer: str | None = None) -> 
 
 
 def parse_judgement(text: str) -> dict:
-    """Read the judge's JSON (also when wrapped in prose or a code fence); scores must be 1-5."""
+    """Read the judge's JSON: the first JSON object in the text that has the rubric's labels
+    (also when wrapped in prose or a code fence, or next to other braces such as an echo of
+    the format {…}); scores must be 1-5."""
     import json
-    m = re.search(r"\{.*\}", text, re.S)
-    if not m:
-        raise ValueError(f"judge reply has no JSON object: {text[:80]!r}")
-    data = json.loads(m.group(0))
+    decoder, data, others = json.JSONDecoder(), None, 0
+    for brace in re.finditer(r"\{", text):
+        try:
+            obj, _ = decoder.raw_decode(text, brace.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and all(label in obj for label in JUDGE_LABELS):
+            data = obj
+            break
+        others += 1
+    if data is None:
+        found = f" ({others} JSON value(s) without them)" if others else ""
+        raise ValueError(f"judge reply has no JSON object with the labels "
+                         f"{', '.join(JUDGE_LABELS)}{found}: {text[:80]!r}; the judge must "
+                         "answer in the format judge_prompt asks for")
     out = {}
     for label in JUDGE_LABELS:
         v = data.get(label)
@@ -399,9 +576,23 @@ def parse_judgement(text: str) -> dict:
 
 
 def judge_replies(judge, items, replies) -> list[dict]:
-    """Score replies with `judge`, any callable from a prompt string to the judge's text."""
-    return [parse_judgement(judge(judge_prompt(it["context"], r, it.get("answer"))))
-            for it, r in zip(items, replies)]
+    """Score replies with `judge`, any callable from a prompt string to the judge's text.
+    One reply per item, in order; an error names the item it came from."""
+    replies, items = _paired(replies, items, "judge_replies")
+    out = []
+    for i, (it, r) in enumerate(zip(items, replies)):
+        where = f"item {i} (id {it.get('id', '?')})"
+        try:
+            text = judge(judge_prompt(it["context"], r, it.get("answer")))
+        except Exception as e:
+            if hasattr(e, "add_note"):                   # Python 3.11+
+                e.add_note(f"judge_replies: the judge failed on {where}")
+            raise
+        try:
+            out.append(parse_judgement(text))
+        except ValueError as e:
+            raise ValueError(f"judge_replies: {where}: {e}") from e
+    return out
 
 
 # --- a small run that still covers every subject (lesson 08) --------------------------------
