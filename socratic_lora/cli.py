@@ -71,7 +71,8 @@ def _chat(args) -> None:
         raise ValueError("--prompt is empty: give the learner's message, or leave --prompt out "
                          "to talk interactively")
     torch.manual_seed(args.seed)
-    model, tok = load_chat_model(args.model, adapter=args.adapter)
+    model, tok = load_chat_model(args.model, adapter=args.adapter,
+                                 prompt_format=args.prompt_format)
     history = [{"role": "system", "content": args.system}] if args.system else []
     prompts = [args.prompt] if args.prompt is not None else None
     while True:
@@ -154,7 +155,8 @@ def _eval(args) -> None:
         if value is not None and value <= 0:
             raise ValueError(f"--{key.replace('_', '-')} {value}: must be a positive number")
     res = run_eval(args.model, args.adapter, args.split, systems, args.limit, args.preset,
-                   args.max_new_tokens, args.batch_size, args.seed)
+                   args.max_new_tokens, args.batch_size, args.seed,
+                   prompt_format=args.prompt_format)
     _write_eval_atomically(write_eval, res, out)
     print(eval_markdown(res, examples=1))
     print(f"written: {args.out}/eval.json, eval.md, eval.png")
@@ -241,6 +243,9 @@ def main(argv=None) -> int:
     c.add_argument("--adapter", help="a LoRA adapter folder (runs/NAME/adapter)")
     c.add_argument("--prompt", help="one learner message; print the reply and exit")
     c.add_argument("--system", help="an optional system prompt")
+    c.add_argument("--prompt-format", choices=["gemma", "instruction"],
+                   help="how prompts are written (default: what the adapter was trained on, "
+                        "else gemma)")
     c.add_argument("--preset", default="report", choices=["report", "competition", "greedy"],
                    help="decoding: report = the source report's sampling (default), "
                         "competition = greedy with repetition penalty 1.1, greedy = evaluation")
@@ -264,6 +269,9 @@ def main(argv=None) -> int:
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--prompt-format", choices=["gemma", "instruction"],
+                   help="how every system's prompts are written (default: what the adapter "
+                        "was trained on, else gemma)")
     e.add_argument("--out", default="runs/eval")
     e.add_argument("--overwrite", action="store_true", help="replace the files in a non-empty --out")
     e.set_defaults(func=_eval)

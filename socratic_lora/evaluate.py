@@ -411,14 +411,15 @@ def prompt_for(system: str, context: list[dict], retriever=None) -> list[dict]:
 
 def run_eval(model="default", adapter=None, split="eval", systems=SYSTEMS, limit=None,
              preset="greedy", max_new_tokens=64, batch_size=16, seed=0,
-             per_subject: int | None = None, quant=None) -> dict:
+             per_subject: int | None = None, quant=None, prompt_format=None) -> dict:
     """Generate with every system on the same prompts and score them; returns the results.
     `per_subject`: keep only the first N prompts of every subject (see `spread_items`);
-    `quant`: QuantSettings to load the base with (None: 16-bit)."""
+    `quant`: QuantSettings to load the base with (None: 16-bit); `prompt_format`: how every
+    system's prompts are written (None: what the adapter was trained on, else gemma)."""
     import torch
 
     from .data import load_split
-    from .generate import load_chat_model, reply_batch
+    from .generate import load_chat_model, model_prompt_format, reply_batch
 
     if "tuned" in systems and adapter is None:
         raise ValueError("the 'tuned' system needs an adapter (--adapter), or leave it out of "
@@ -433,10 +434,11 @@ def run_eval(model="default", adapter=None, split="eval", systems=SYSTEMS, limit
         raise ValueError(f"split {split!r} with limit={limit} gives no prompts: use a limit "
                          "of 1 or more, or none")
     torch.manual_seed(seed)
-    m, tok = load_chat_model(model, adapter=adapter, quant=quant)
+    m, tok = load_chat_model(model, adapter=adapter, quant=quant, prompt_format=prompt_format)
     retriever = Retriever(load_split("train")) if "fewshot" in systems else None
     results = {"split": split, "items": len(items), "preset": preset,
-               "max_new_tokens": max_new_tokens, "seed": seed, "systems": {}, "examples": {}}
+               "max_new_tokens": max_new_tokens, "prompt_format": model_prompt_format(m),
+               "seed": seed, "systems": {}, "examples": {}}
     if per_subject is not None:
         results["per_subject"] = per_subject
     for system in systems:

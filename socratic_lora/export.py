@@ -8,6 +8,7 @@ the tokenizer and the chat template; an optional push to the hub uses HF_TOKEN, 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ def merge_adapter(adapter, out, model="default", dtype=torch.bfloat16, overwrite
     """Write base + adapter, merged, to `out` (a folder loadable with from_pretrained)."""
     from peft import PeftModel
 
-    from .generate import check_adapter
+    from .generate import check_adapter, recorded_prompt_format
     from .models import default_model_path, get_hf_token, is_local, load_config, load_model
     from .train import save_atomically
 
@@ -61,9 +62,13 @@ def merge_adapter(adapter, out, model="default", dtype=torch.bfloat16, overwrite
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     merged.config.use_cache = True
 
+    fmt = recorded_prompt_format(adapter)
+
     def save(tmp):
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        if fmt:     # chat/eval on the merged folder write prompts the way training did
+            (tmp / "socratic_lora.json").write_text(json.dumps({"prompt_format": fmt}))
     out.parent.mkdir(parents=True, exist_ok=True)
     save_atomically(save, out)      # the old folder (--overwrite) goes only once the new is whole
     return out
@@ -112,7 +117,6 @@ def _public_name(base) -> str:
 def _json_field(path: Path, key):
     """`key` of the JSON object in `path`; None when the file, the object or the key is
     missing or unreadable."""
-    import json
     try:
         data = json.loads(path.read_text("utf-8"))
     except (OSError, ValueError):
@@ -233,7 +237,6 @@ def check_card(folder) -> None:
 def _public_json(f: Path):
     """The bytes to upload for `f`: its base field rewritten to a public name when it holds
     a local path; None to upload the file as it is."""
-    import json
     key = _BASE_FIELDS.get(f.name)
     base = _json_field(f, key) if key else None
     if not base or _is_hub_id(base) or base == "default":

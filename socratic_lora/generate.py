@@ -105,11 +105,42 @@ def check_adapter(adapter, base_config=None, base_id="the base") -> None:
                                  f"{want} {side} in the base, {shape[dim]} in the adapter{hint}")
 
 
-def load_chat_model(model="default", adapter=None, **load_kwargs):
+PROMPT_FORMATS = ("gemma", "instruction")
+
+
+def recorded_prompt_format(folder) -> str | None:
+    """The prompt format training recorded for an adapter (socratic_lora.json, copied into a
+    merged folder); None when nothing is recorded (adapters from before it was recorded,
+    other tools, plain models)."""
+    f = Path(folder) / "socratic_lora.json"
+    if not f.is_file():
+        return None
+    try:
+        fmt = json.loads(f.read_text("utf-8")).get("prompt_format")
+    except (ValueError, AttributeError):
+        raise ValueError(f"{f}: not a valid JSON object; re-save the adapter") from None
+    if fmt is not None and fmt not in PROMPT_FORMATS:
+        raise ValueError(f"{f}: prompt_format {fmt!r} is not one of {', '.join(PROMPT_FORMATS)}")
+    return fmt
+
+
+def model_prompt_format(model) -> str:
+    """The format `model` was trained to read (load_chat_model sets it); gemma otherwise."""
+    return getattr(model, "socratic_prompt_format", None) or "gemma"
+
+
+def load_chat_model(model="default", adapter=None, prompt_format: str | None = None,
+                    **load_kwargs):
     """A base model, a base plus a LoRA adapter, or a merged folder, ready to generate.
 
-    With an adapter and model="default", the base is taken from the adapter's record."""
+    With an adapter and model="default", the base is taken from the adapter's record.
+    `prompt_format` (gemma | instruction): how reply/reply_batch write prompts for it; None
+    takes what training recorded with the adapter (or the merged folder), else gemma. It is
+    kept on the returned model (`model_prompt_format`)."""
     from .models import default_model_path, get_hf_token, is_local, load_config, load_model
+
+    if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format={prompt_format!r}: use {' or '.join(PROMPT_FORMATS)}")
 
     if adapter is not None:
         check_adapter(adapter)
@@ -121,12 +152,16 @@ def load_chat_model(model="default", adapter=None, **load_kwargs):
     if adapter is not None:
         token = None if is_local(model_id) else get_hf_token()
         check_adapter(adapter, load_config(model_id, token=token), model_id)
+    if prompt_format is None:
+        source = adapter if adapter is not None else model_id if is_local(model_id) else None
+        prompt_format = recorded_prompt_format(source) if source is not None else None
     m, tok = load_model(model_id, **load_kwargs)
     if adapter is not None:
         from peft import PeftModel
         m = PeftModel.from_pretrained(m, adapter)
     m.eval()
     m.config.use_cache = True
+    m.socratic_prompt_format = prompt_format or "gemma"
     return m, tok
 
 
@@ -192,15 +227,28 @@ def _generate_kwargs(gen, tok, prompt_len):
 
 
 def reply(model, tok, messages, preset: str = "greedy", stream: bool = False,
-          prompt_format: str = "gemma", **overrides) -> str:
-    """The tutor's next turn for `messages` (ending with the learner's turn)."""
+          prompt_format: str | None = None, **overrides) -> str:
+    """The tutor's next turn for `messages` (ending with the learner's turn).
+    `prompt_format`: None = the model's (`model_prompt_format`: what its adapter was trained on)."""
     from transformers import TextStreamer
 
+    prompt_format = prompt_format or model_prompt_format(model)
     gen = _settings(preset, overrides)
     budget = context_window(model) - gen["max_new_tokens"]
+    if budget <= 0:
+        raise ValueError(f"max_new_tokens={gen['max_new_tokens']} leaves no room for the prompt "
+                         f"in the model's context window ({context_window(model)} tokens); "
+                         "ask for fewer new tokens")
     msgs = fit_history(tok, messages, budget, prompt_format)
     text = "".join(p for p, _ in pieces(msgs, tok, prompt_format, add_generation_prompt=True))
     ids = tok(text, add_special_tokens=False, return_tensors="pt").to(model.device)
+    n = ids["input_ids"].shape[1]
+    if n > budget:      # fit_history never drops the newest learner turn (or the system)
+        raise ValueError(f"the prompt is {n} tokens even with older turns dropped (the system "
+                         f"message and the newest learner turn are kept), and {budget} fit before "
+                         f"the {gen['max_new_tokens']} new tokens in the context window of "
+                         f"{context_window(model)}; shorten that message or the system prompt "
+                         "/ 入力が長すぎます")
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
     with torch.no_grad():
         out = model.generate(**ids, **_generate_kwargs(gen, tok, ids["input_ids"].shape[1]),
@@ -237,11 +285,13 @@ def _fast_decoder(model, gen, fast):
 
 
 def reply_batch(model, tok, conversations, preset: str = "greedy", batch_size: int = 16,
-                prompt_format: str = "gemma", fast: bool | None = None, **overrides) -> list[str]:
+                prompt_format: str | None = None, fast: bool | None = None,
+                **overrides) -> list[str]:
     """Replies for many conversations at once, left-padded so every prompt ends where
     generation starts (evaluation runs). `fast`: decode with FastDecoder (one CUDA graph
     per step, 4.5x `generate` at batch 16 on an H100); None uses it on a GPU whenever the
-    preset allows (greedy or plain sampling), False never."""
+    preset allows (greedy or plain sampling), False never. `prompt_format` as in `reply`."""
+    prompt_format = prompt_format or model_prompt_format(model)
     gen = _settings(preset, overrides)
     dec = _fast_decoder(model, gen, fast)
     old_side, tok.padding_side = tok.padding_side, "left"

@@ -711,8 +711,14 @@ def train(s: TrainSettings, resume: bool = False, callbacks=None, overwrite: boo
     if not trainer.is_world_process_zero():
         return {}
     adapter = out / "adapter"
+    from .models import is_local
+    # A local base is recorded as an absolute path: 'models/base' would mean another folder
+    # (or a hub id) to a command run from elsewhere.
+    base = (str(Path(s.model).expanduser().resolve()) if s.model != "default" and is_local(s.model)
+            else s.model)
     save_atomically(lambda p: (model.save_pretrained(p), tok.save_pretrained(p),
-                               (p / "socratic_lora.json").write_text(json.dumps({"base": s.model}))),
+                               (p / "socratic_lora.json").write_text(json.dumps(
+                                   {"base": base, "prompt_format": s.prompt_format}))),
                     adapter)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     rows_per_s = result.metrics.get("train_samples_per_second")

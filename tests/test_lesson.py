@@ -58,7 +58,7 @@ def test_evaluation_loads_the_base_with_the_quantization_it_is_given(monkeypatch
     q = QuantSettings(bits=4)
     with pytest.raises(Loaded):
         run_eval_sample("some/model", split="eval", per_subject=1, systems=("base",), quant=q)
-    assert seen == {"model": "some/model", "quant": q}
+    assert seen == {"model": "some/model", "quant": q, "prompt_format": None}
 
 
 @pytest.mark.parametrize("model_id", sorted(KNOWN_CONFIGS))
