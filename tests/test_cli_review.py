@@ -32,7 +32,7 @@ def test_eval_systems_are_checked_before_any_model_loads(capsys, monkeypatch, tm
 def test_eval_default_systems_without_adapter_drop_tuned(monkeypatch, tmp_path):
     seen = {}
 
-    def fake_run_eval(model, adapter, split, systems, *rest):
+    def fake_run_eval(model, adapter, split, systems, *rest, **kwargs):
         seen["systems"] = systems
         raise KeyboardInterrupt          # stop here: the systems are what is checked
     monkeypatch.setattr("socratic_lora.evaluate.run_eval", fake_run_eval)
