@@ -399,6 +399,10 @@ def eval_items(split: str, limit: int | None = None, seed: int = 0) -> list[dict
 
 
 def prompt_for(system: str, context: list[dict], retriever=None) -> list[dict]:
+    """The messages `system` answers. base and tuned: the dialogue as it is (11 eval dialogues
+    start with a system message of their own). prompted and fewshot: SOCRATIC_SYSTEM in place
+    of any such message, so that every prompt carries the same instruction (plus, for
+    fewshot, two retrieved example exchanges)."""
     if system in ("base", "tuned"):
         return list(context)
     msgs = [m for m in context if m["role"] != "system"]
