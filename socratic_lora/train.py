@@ -352,7 +352,7 @@ def training_arguments(s: TrainSettings, model, has_eval: bool):
 
     on_gpu = torch.cuda.is_available() and _placement(s) != "cpu"
     # Mixed precision: bf16 or fp16 autocast on GPUs; on the CPU "auto" means bf16 autocast
-    # over float32 weights (1.7x faster than float32 on a 2-core AMX Xeon, same loss).
+    # over float32 weights (1.29x float32 on a 2-core AMX Xeon, same loss: bench/cpu_demo.py).
     dtype = compute_dtype(s.compute_dtype)
     kwargs = dict(
         output_dir=s.output_dir, per_device_train_batch_size=s.batch_size,
