@@ -18,9 +18,11 @@ from pathlib import Path
 SPLITS = ("train", "eval", "adversarial")
 ROLES = ("system", "user", "assistant")
 MAX_LINE_BYTES = 1_000_000   # a longer line is almost surely not one dialogue
-# Gemma's turn markers: in a message's text the tokenizer makes them special tokens, and a
-# dialogue would end or start a turn in the middle of a message (and train on it).
-MARKERS = ("<start_of_turn>", "<end_of_turn>")
+# Gemma's turn markers and special tokens: in a message's text the tokenizer makes them
+# special tokens, and a dialogue would end or start a turn (or the text) in the middle of a
+# message, and train on it (an <eos> in a tutor turn teaches the model to stop mid-reply).
+MARKERS = ("<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<pad>", "<unk>",
+           "<start_of_image>", "<end_of_image>")
 
 
 class DataError(ValueError):
@@ -62,9 +64,9 @@ def check_dialogue(d, where: str, adversarial: bool = False) -> None:
             fail(f"{f}.content", "missing, empty or only whitespace", "write the message text")
         marker = next((x for x in MARKERS if x in m["content"]), None)
         if marker:
-            fail(f"{f}.content", f"contains the turn marker {marker}, which would become a "
-                 "special token and split the turn", "remove it (one message per turn; "
-                 "ターン区切りの記号は本文に書けません)")
+            fail(f"{f}.content", f"contains the special token {marker}, which the tokenizer "
+                 "would not read as text (a turn or the text would end mid-message)",
+                 "remove it (one message per turn; 特殊トークンは本文に書けません)")
         if m["role"] == "system" and i != 0:
             fail(f"{f}.role", "a system message can only come first", "move it to the start")
     start = 1 if msgs[0]["role"] == "system" else 0

@@ -71,8 +71,8 @@ def instruction_to_messages(row: dict, where: str, prompt_format: str = "gemma")
                  "write the text (an empty response would train the model to say nothing)")
         marker = next((m for m in MARKERS if m in text), None)
         if marker:
-            fail(name, f"contains the turn marker {marker}, which would become a special token",
-                 "remove it (ターン区切りの記号は本文に書けません)")
+            fail(name, f"contains the special token {marker}, which the tokenizer would not read as text",
+                 "remove it (特殊トークンは本文に書けません)")
     prompt = texts["instruction"].strip()
     if texts["input"].strip():
         header = "\n\n### 入力:\n" if prompt_format == "instruction" else "\n\n"
@@ -81,6 +81,21 @@ def instruction_to_messages(row: dict, where: str, prompt_format: str = "gemma")
 
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")   # the files read_source reads
+
+
+def _strict_rows(reader, path):
+    """The rows of a strict csv.reader; a quoting error is a DataError naming the line."""
+    while True:
+        start = reader.line_num + 1           # the line the row begins on
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{path}:{start}: {e}; check the quotes: a field holding a "
+                            "comma, tab, quote or line break is written in double quotes, and a "
+                            'quote inside it is doubled ("")') from None
+        yield values
 
 
 def _csv_rows(path: Path) -> list[tuple]:
@@ -92,8 +107,10 @@ def _csv_rows(path: Path) -> list[tuple]:
         line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 (byte {e.start}); save the file as UTF-8") from None
     tab = path.suffix.lower() == ".tsv"
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tab else ",")
-    header = next(reader, None)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tab else ",",
+                        strict=True)          # an unclosed or stray quote is an error, not data
+    values_of = _strict_rows(reader, path)
+    header = next(values_of, None)
     if not header:
         raise DataError(f"{path}:1: no header line; start with the column names, e.g. "
                         "instruction,input,output")
@@ -105,7 +122,7 @@ def _csv_rows(path: Path) -> list[tuple]:
                         f"{'TSV' if tab else 'CSV'} file holds instruction rows: instruction, "
                         "input (may be empty) and response (or output)")
     rows, start = [], reader.line_num + 1
-    for values in reader:
+    for values in values_of:
         where = f"{path}:{start}"
         if not values:
             raise DataError(f"{where}: empty line; remove it")

@@ -227,15 +227,34 @@ def test_turn_markers_in_text_are_refused(tmp_path, role, index, text):
     msgs[index]["content"] = text
     p = write(tmp_path / "d.jsonl", OURS, {**OURS, "id": "x-2", "messages": msgs})
     with pytest.raises(DataError, match=rf"d\.jsonl:2: field 'messages\[{index}\]\.content': "
-                                        "contains the turn marker <(start|end)_of_turn>"):
+                                        "contains the special token <(start|end)_of_turn>"):
         load_dialogues(p)
 
 
 def test_turn_marker_in_an_instruction_row_is_refused(tmp_path):
     p = write(tmp_path / "inst.jsonl", {"instruction": "質問", "output": "答え<end_of_turn>"})
-    with pytest.raises(DialogueError, match=r"inst\.jsonl:1: field 'output': contains the turn "
-                                            "marker <end_of_turn>"):
+    with pytest.raises(DialogueError, match=r"inst\.jsonl:1: field 'output': contains the "
+                                            "special token <end_of_turn>"):
         read_source(p)
+
+
+def test_other_special_tokens_in_text_are_refused(tmp_path):
+    """<eos> in a tutor turn would be trained on: the model would learn to stop mid-reply."""
+    msgs = [{"role": "user", "content": "ヒントをください"}, {"role": "assistant", "content": "はい<eos>続き"}]
+    p = write(tmp_path / "d.jsonl", OURS, {**OURS, "id": "x-2", "messages": msgs})
+    with pytest.raises(DataError, match=r"d\.jsonl:2: .*contains the special token <eos>"):
+        load_dialogues(p)
+
+
+@pytest.mark.parametrize("body,line", [
+    ('q1,"a1 with a stray quote\nq2,a2\nq3,a3\n', 2),      # unclosed: would swallow the file
+    ('q1,a1\nq2,"x"y\n', 3),                               # stray quote: would become xy
+])
+def test_csv_quote_errors_name_the_line(tmp_path, body, line):
+    p = tmp_path / "bad.csv"
+    p.write_text("instruction,output\n" + body, encoding="utf-8")
+    with pytest.raises(DataError, match=rf"bad\.csv:{line}: .*check the quotes"):
+        read_source(str(p))
 
 
 @pytest.mark.parametrize("line,key", [
