@@ -90,7 +90,14 @@ def _chat(args) -> None:
                 return
         history.append({"role": "user", "content": text})
         print("tutor> ", end="", flush=True)
-        answer = reply(model, tok, history, preset=args.preset, stream=True)
+        try:
+            answer = reply(model, tok, history, preset=args.preset, stream=True)
+        except ValueError as e:
+            if prompts is not None:         # --prompt: the one message cannot be answered
+                raise
+            history.pop()                   # interactive: say why, and let the learner retry
+            print(f"\n(not sent: {e})")
+            continue
         history.append({"role": "assistant", "content": answer})
 
 

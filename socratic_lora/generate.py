@@ -152,6 +152,8 @@ def load_chat_model(model="default", adapter=None, prompt_format: str | None = N
     if adapter is not None:
         token = None if is_local(model_id) else get_hf_token()
         check_adapter(adapter, load_config(model_id, token=token), model_id)
+    if is_local(model_id):
+        model_id = str(Path(model_id).expanduser())     # '~/merged': its record is read too
     if prompt_format is None:
         source = adapter if adapter is not None else model_id if is_local(model_id) else None
         prompt_format = recorded_prompt_format(source) if source is not None else None

@@ -172,8 +172,9 @@ def check_safetensors(model_id) -> None:
                       "source you trust")
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                    "vocab.json", "spiece.model")
+# Files that hold a vocabulary (tokenizer_config.json alone does not: transformers would
+# build an empty tokenizer from it).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json")
 
 
 def check_tokenizer_files(model_id) -> None:
@@ -182,7 +183,8 @@ def check_tokenizer_files(model_id) -> None:
     p = Path(str(model_id)).expanduser()
     if p.is_dir() and not any((p / f).is_file() for f in _TOKENIZER_FILES):
         raise FileNotFoundError(
-            f"model {model_id}: the folder has no tokenizer ({', '.join(_TOKENIZER_FILES[:3])}); "
+            f"model {model_id}: the folder has no tokenizer vocabulary "
+            f"({', '.join(_TOKENIZER_FILES)}); "
             "save it next to the weights with tokenizer.save_pretrained(folder) / "
             "フォルダーにトークナイザーがありません")
 

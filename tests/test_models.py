@@ -68,7 +68,7 @@ def test_a_folder_without_its_tokenizer_is_refused_before_loading(tmp_path, tiny
     from socratic_lora.models import load_tokenizer
     folder = tmp_path / "no_tokenizer"
     folder.mkdir()
-    for name in ("config.json", "model.safetensors"):
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json"):  # no vocabulary
         shutil.copy(f"{tiny_gemma2_dir}/{name}", folder)
     for load in (lambda: load_model(str(folder), mode="cpu"), lambda: load_tokenizer(str(folder))):
         with pytest.raises(FileNotFoundError, match="no tokenizer.*tokenizer.save_pretrained"):

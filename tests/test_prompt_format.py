@@ -52,6 +52,13 @@ def test_a_merged_folder_keeps_the_format(instruction_adapter, tmp_path):
     merged = merge_adapter(instruction_adapter, tmp_path / "merged")
     model, _ = load_chat_model(str(merged))
     assert model_prompt_format(model) == "instruction"
+    import os
+    os.environ["HOME"], home = str(tmp_path), os.environ.get("HOME")
+    try:
+        model, _ = load_chat_model("~/merged")                 # the record is found there too
+    finally:
+        os.environ["HOME"] = home
+    assert model_prompt_format(model) == "instruction"
 
 
 def test_without_a_record_the_format_is_gemma(tiny_chat_dir, tmp_path, instruction_adapter):
@@ -119,3 +126,30 @@ def test_eval_writes_every_system_in_the_adapter_format(instruction_adapter, for
     res = run_eval("default", str(instruction_adapter), "eval", ["base", "tuned"], limit=1,
                    max_new_tokens=2, prompt_format="gemma")
     assert res["prompt_format"] == "gemma" and set(formats) == {"gemma"}
+
+
+def test_interactive_chat_goes_on_after_a_message_that_does_not_fit(capsys, monkeypatch):
+    from socratic_lora.cli import main
+    lines = iter(["短い", "とても長い", "まだ話したい"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    asked = []
+
+    def fake_reply(model, tok, history, **kw):
+        asked.append(history[-1]["content"])
+        if history[-1]["content"] == "とても長い":
+            raise ValueError("the prompt is 9999 tokens even with older turns dropped")
+        assert all(m["content"] != "とても長い" for m in history)     # not kept in history
+        return "どう思いますか？"
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr(generate, "load_chat_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(generate, "reply", fake_reply)
+    assert main(["chat"]) == 0
+    out = capsys.readouterr().out
+    assert "(not sent: the prompt is 9999 tokens" in out
+    assert asked == ["短い", "とても長い", "まだ話したい"]          # the chat went on
