@@ -152,7 +152,8 @@ def _kanji_numerals(text: str) -> list[str]:
 
 def numbers(text: str) -> set[float]:
     """Every number a text states: 1,603 / 1.5 / 3/2 / 千六百三 (as values). Kanji count
-    only as numerals (十分 'enough' and 百聞 are words), and a lone 一-九 not at all."""
+    only as numerals (十分 'enough' and 百聞 are words), and a lone 一-九 not at all; digits
+    inside a Latin word (CO2, H2O) do not count."""
     t = _fold(text)
     out = set()
     fraction = r"(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)"
@@ -160,7 +161,9 @@ def numbers(text: str) -> set[float]:
         if float(b):
             out.add(round(float(a) / float(b), 6))
     t = re.sub(fraction, " ", t)          # 3/2 is the value 1.5, not also 3 and 2
-    out |= {round(float(x), 6) for x in re.findall(r"\d+(?:\.\d+)?", t)}
+    # digits inside a Latin word (CO2, H2O, mp3) are part of a name, not a number stated
+    out |= {round(float(x), 6)
+            for x in re.findall(r"(?<![A-Za-z])\d+(?:\.\d+)?(?![A-Za-z])", t)}
     for run in _kanji_numerals(t):
         n = kanji_number(run)
         if n is not None and (len(run) > 1 or n >= 10):  # a lone 一 is usually "one (thing)"

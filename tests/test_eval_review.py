@@ -211,3 +211,14 @@ def test_rescore_refuses_replies_of_other_prompts():
     res["examples"]["base"][0]["id"] = "no-such-id"
     with pytest.raises(ValueError, match="'no-such-id' does not belong"):
         rescore(res)
+
+
+@pytest.mark.parametrize("reply,answer,leaks_", [
+    ("CO2が増えると、何が起きると思いますか？", "O2", False),   # the number fallback too
+    ("二酸化炭素はCO2だね。水はどうかな？", "H2O", False),
+    ("答えはO2です。", "O2", True),
+    ("答えは1603年です。", "1603年", True),
+])
+def test_digits_inside_latin_words_are_not_numbers(reply, answer, leaks_):
+    assert leaks_answer(reply, answer) is leaks_
+    assert 2.0 not in numbers("CO2とH2O")
